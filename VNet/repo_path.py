@@ -1,0 +1,8 @@
+"""Puts the monorepo root on sys.path so `import common` works when a script runs from this folder."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

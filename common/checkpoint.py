@@ -1,0 +1,200 @@
+"""Checkpoints that survive crashes and cannot run code.
+
+* `save_checkpoint` writes a temporary file in the target folder, fsyncs it and renames it over the old
+  file: a process killed mid-write, or a full disk, leaves the previous checkpoint intact.
+* `load_checkpoint` reads with `weights_only=True`: tensors and plain containers only, so a file carrying a
+  pickled payload is refused before anything in it executes.
+* `load_weights` accepts the originals' files (raw state_dicts, `{'state_dict': ...}`, `module.` prefixes
+  from DDP/DataParallel) and names every missing, unexpected or mis-shaped key when they do not fit.
+* `rng_state` / `set_rng_state` capture python, numpy, torch and device generators as plain data.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from common.errors import CheckpointError
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically; on failure the previous file at `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            kept = (
+                f"the previous checkpoint {path} is intact"
+                if path.exists()
+                else "no earlier checkpoint exists"
+            )
+            raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from exc
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint with `weights_only=True`; every failure is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled Python objects beyond tensors and plain containers, "
+            f"which could run code when loaded ({str(exc).splitlines()[0][:200]}). Only load files you "
+            "trust; re-save a trusted file's state_dict with torch.save(model.state_dict(), ...)"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({str(exc)[:200]})") from exc
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> OrderedDict:
+    """Remove DDP/DataParallel's `module.` prefix (and torch.compile's `_orig_mod.`) from every key."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def add_module_prefix(state_dict: Mapping[str, Any]) -> OrderedDict:
+    """Keys as a DDP-wrapped model names them, for tools that expect the originals' 8p checkpoints."""
+    return OrderedDict((k if k.startswith("module.") else f"module.{k}", v) for k, v in state_dict.items())
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> OrderedDict:
+    """The model weights inside a checkpoint of this zoo or of the original implementations."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return strip_module_prefix(obj[key])
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return strip_module_prefix(obj)
+    raise CheckpointError(
+        f"{source} holds no model weights (expected a state_dict or a dict with 'state_dict')"
+    )
+
+
+def _list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_weights(
+    model: torch.nn.Module, source: str | Path | Mapping[str, Any], strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Load weights from a path or a dict into `model` (wrappers and prefixes handled).
+
+    Returns (missing, unexpected) keys when strict=False; with strict=True a mismatch raises a
+    CheckpointError naming the missing, unexpected and mis-shaped keys.
+    """
+    name = str(source) if isinstance(source, (str, Path)) else "checkpoint"
+    obj = load_checkpoint(source) if isinstance(source, (str, Path)) else source
+    state = extract_state_dict(obj, name)
+    target = unwrap_model(model)
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys ({_list(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys ({_list(unexpected)})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches ({_list(mismatched, 4)})")
+        raise CheckpointError(
+            f"{name} does not fit {type(target).__name__}: "
+            + "; ".join(problems)
+            + ". Is it a checkpoint of "
+            "another model, or of another --img_ch/--output_ch/--num_classes setting?"
+        )
+    target.load_state_dict(state, strict=strict)
+    return missing, unexpected
+
+
+def rng_state() -> dict:
+    """Every random generator a training step touches, as tensors and plain Python data."""
+    version, mt_state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(torch, "npu"):
+        try:
+            state["npu"] = torch.npu.get_rng_state_all()
+        except BaseException:  # noqa: BLE001
+            pass
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "npu" in state and hasattr(torch, "npu"):
+        torch.npu.set_rng_state_all([s.cpu() for s in state["npu"]])

@@ -1,0 +1,123 @@
+"""Process groups for 1 to N devices on one or many nodes, started by torchrun or by the ModelZoo variables.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. The ModelZoo shell loops set
+RANK_SIZE / RANK_ID / ASCEND_DEVICE_ID instead; `modelzoo_env_to_torchrun` translates them so that
+`init_process_group(init_method="env://")` works the same for hccl, nccl and gloo.
+
+Collectives run on every rank (validation is sharded, counts are all-reduced), so no rank waits at a
+barrier that another never reaches (pytorch/pytorch#54059), and a timeout ends a job whose peer died
+instead of holding the devices forever (Ascend/ModelZoo-PyTorch#5).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common.device import DeviceInfo
+
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = "29688"  # the AttU/R2U ModelZoo port
+
+
+def modelzoo_env_to_torchrun() -> None:
+    """Fill torchrun's variables from RANK_SIZE / RANK_ID / ASCEND_DEVICE_ID when torchrun did not run."""
+    env = os.environ
+    if "WORLD_SIZE" not in env and "RANK_SIZE" in env:
+        env["WORLD_SIZE"] = env["RANK_SIZE"]
+    if "RANK" not in env and "RANK_ID" in env:
+        env["RANK"] = env["RANK_ID"]
+    if "LOCAL_RANK" not in env and "RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        env["LOCAL_RANK"] = env.get("RANK_ID", env["RANK"])
+    env.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
+    env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
+
+
+@dataclass
+class DistContext:
+    """This process's place in the job. With world_size 1 every collective is a no-op."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def initialized(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        """Print on rank 0 only, flushed, so logs of N ranks are not N copies."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce ("sum" or "max"); float64 travels as float32 on HCCL, which lacks it."""
+        if not self.initialized:
+            return tensor
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        if self.backend == "hccl" and tensor.dtype == torch.float64:
+            wire = tensor.float()
+            dist.all_reduce(wire, op=reduce_op)
+            tensor.copy_(wire)
+        else:
+            dist.all_reduce(tensor, op=reduce_op)
+        return tensor
+
+    def reduce_scalars(self, values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+        """All-reduce a few Python numbers (one collective)."""
+        if not self.initialized:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        return self.all_reduce(tensor, op).tolist()
+
+    def wrap(self, model: torch.nn.Module, device: DeviceInfo, **ddp_kwargs) -> torch.nn.Module:
+        """DistributedDataParallel when the group has more than one rank, else the model unchanged."""
+        if not self.initialized:
+            return model
+        ddp_kwargs.setdefault("broadcast_buffers", False)
+        ids = None if device.kind == "cpu" else [device.index]
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
+
+    def shutdown(self) -> None:
+        if self.initialized:
+            dist.destroy_process_group()
+
+
+def init_distributed(device: DeviceInfo, timeout_s: float = 1800.0) -> DistContext:
+    """Join the process group described by the environment (no-op for a single process).
+
+    Call after `select_device`, which made the device current: HCCL and NCCL bind to it at init.
+    """
+    modelzoo_env_to_torchrun()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    # Without async error handling a NCCL collective whose peer died blocks forever, ignoring the timeout.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("HCCL_CONNECT_TIMEOUT", str(int(timeout_s)))
+    kwargs = {
+        "backend": device.backend,
+        "init_method": "env://",
+        "world_size": world_size,
+        "rank": rank,
+        "timeout": datetime.timedelta(seconds=timeout_s),
+    }
+    if device.kind == "cuda" and "device_id" in dist.init_process_group.__code__.co_varnames:
+        kwargs["device_id"] = device.device
+    dist.init_process_group(**kwargs)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=device.backend)

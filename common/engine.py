@@ -1,0 +1,540 @@
+"""The training loop pieces every folder shares: a step, an epoch, a sharded evaluation, and the run record.
+
+A folder's train.py builds its data, model, loss and optimizer, then drives these pieces and prints its
+own ModelZoo log lines from the numbers they return (through `on_log`). Design choices:
+
+* The step does not call `.item()`: losses stay on the device and are fetched every `log_interval`
+  steps (the finite-gradient check of `MixedPrecision.step` is the only synchronisation).
+* Throughput is global images per second over every step after `warmup_steps`, timed between device
+  synchronisations, never the maximum of noisy single steps.
+* Evaluation runs on every rank over its shard; metric sums and losses are all-reduced, so 1 and N
+  ranks report the same numbers.
+* `TrainingRun` owns the checkpoints (atomic `latest` each epoch, `best` by the folder's selection
+  metric), exact resume (model, optimizer, scheduler, scaler, epoch, best, history, RNG), the progress
+  plot and the ModelZoo summary.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from common.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
+from common.cli import Runtime
+from common.errors import CheckpointError
+from common.loader import seed_everything
+from common.summary import RunSummary, SummaryTarget, write_summary
+
+CHECKPOINT_FORMAT = 1
+
+
+def to_device(
+    batch: Any, device: torch.device, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) from a (image, mask, ...) batch, copied asynchronously from pinned memory."""
+    inputs, targets = batch[0], batch[1]
+    inputs = inputs.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs, targets
+
+
+@dataclass
+class StepInfo:
+    """Handed to a folder's `on_log` every `log_interval` steps and at the last step of an epoch."""
+
+    epoch: int  # 0-based
+    step: int  # 1-based within the epoch
+    steps: int  # steps in this epoch
+    global_step: int
+    loss: float  # this step's loss
+    loss_avg: float  # mean over the epoch so far
+    lr: float
+    step_time: float  # mean seconds per step since the last log line (device-synchronised)
+    data_time: float  # mean seconds per step waiting for the loader since the last log line
+    fps: float  # global images per second since the last log line
+    train_metrics: dict[str, float] | None = None
+
+
+@dataclass
+class EpochStats:
+    loss_mean: float
+    last_loss: float
+    steps: int
+    images: int
+    skipped_steps: int
+    seconds: float
+    data_wait_seconds: float
+    timed_images: int
+    timed_seconds: float
+    step_losses: list[float] = field(default_factory=list)
+    train_metrics: dict[str, float] | None = None
+
+    def fps(self, world_size: int = 1) -> float:
+        """Global images/s of this epoch's timed steps (equal ranks assumed; `finish` reduces exactly)."""
+        return self.timed_images * world_size / self.timed_seconds if self.timed_seconds > 0 else float("nan")
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return self.data_wait_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+class Throughput:
+    """Counts images and synchronised time over all steps after the first `warmup_steps` of the run."""
+
+    def __init__(self, warmup_steps: int = 5):
+        self.warmup_steps = warmup_steps
+        self.steps_seen = 0
+        self.images = 0
+        self.seconds = 0.0
+        self.data_wait = 0.0
+        self.wall = 0.0
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _iterate(loader: Iterable, show_bar: bool, desc: str) -> Iterable:
+    if show_bar:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return loader
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: Iterable,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    *,
+    epoch: int,
+    throughput: Throughput,
+    on_log: Callable[[StepInfo], None] | None = None,
+    train_metrics: Any | None = None,
+    prepare_batch: Callable = to_device,
+    max_steps: int | None = None,
+    global_step: int = 0,
+) -> EpochStats:
+    """One pass over `loader`. Steps whose gradients are not finite are skipped and counted."""
+    args = runtime.args
+    device, amp, world = runtime.device, runtime.amp, runtime.dist.world_size
+    channels_last = bool(getattr(args, "channels_last", False))
+    log_every = max(1, int(getattr(args, "log_interval", 10)))
+    steps = len(loader) if max_steps is None else min(len(loader), max_steps)
+    model.train()
+    if train_metrics is not None:
+        train_metrics.reset()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device.device)
+    pending: list[torch.Tensor] = []
+    step_losses: list[float] = []
+    skipped_before = amp.skipped_steps
+    images = timed_images = 0
+    data_wait = timed_seconds = 0.0
+    window_start, window_data, window_images, window_steps = time.perf_counter(), 0.0, 0, 0
+    timing_from: float | None = None
+    epoch_start = time.perf_counter()
+    show_bar = runtime.is_main and sys.stdout.isatty()
+    iterator = iter(_iterate(loader, show_bar, f"epoch {epoch + 1}"))
+    step = 0
+    while step < steps:
+        wait_start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        waited = time.perf_counter() - wait_start
+        step += 1
+        inputs, targets = prepare_batch(batch, device.device, channels_last)
+        with amp.autocast():
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        amp.backward(loss, optimizer)
+        amp.step(optimizer)
+        detached = loss.detach().float()
+        loss_sum += detached
+        pending.append(detached)
+        if train_metrics is not None:
+            train_metrics.update(_detach(outputs), targets)
+        batch_images = int(inputs.shape[0])
+        images += batch_images
+        data_wait += waited
+        window_data += waited
+        window_images += batch_images
+        window_steps += 1
+        throughput.steps_seen += 1
+        if timing_from is not None:
+            timed_images += batch_images
+        elif throughput.steps_seen >= throughput.warmup_steps:
+            device.synchronize()
+            timing_from = time.perf_counter()
+        if step % log_every == 0 or step == steps:
+            values = torch.stack(pending).tolist()  # the one host sync per log interval
+            pending.clear()
+            step_losses.extend(values)
+            now = time.perf_counter()
+            if on_log is not None:
+                device.synchronize()
+                now = time.perf_counter()
+                elapsed = now - window_start
+                on_log(
+                    StepInfo(
+                        epoch=epoch,
+                        step=step,
+                        steps=steps,
+                        global_step=global_step + step,
+                        loss=values[-1],
+                        loss_avg=float(loss_sum) / step,
+                        lr=current_lr(optimizer),
+                        step_time=elapsed / window_steps,
+                        data_time=window_data / window_steps,
+                        fps=window_images * world / elapsed if elapsed > 0 else float("nan"),
+                        train_metrics=train_metrics.compute() if train_metrics is not None else None,
+                    )
+                )
+            window_start, window_data, window_images, window_steps = now, 0.0, 0, 0
+    if pending:
+        step_losses.extend(torch.stack(pending).tolist())
+    device.synchronize()
+    end = time.perf_counter()
+    if timing_from is not None:
+        timed_seconds = end - timing_from
+    epoch_seconds = end - epoch_start
+    throughput.images += timed_images
+    throughput.seconds += timed_seconds
+    throughput.data_wait += data_wait
+    throughput.wall += epoch_seconds
+    return EpochStats(
+        loss_mean=float(loss_sum) / max(step, 1),
+        last_loss=step_losses[-1] if step_losses else float("nan"),
+        steps=step,
+        images=images,
+        skipped_steps=amp.skipped_steps - skipped_before,
+        seconds=epoch_seconds,
+        data_wait_seconds=data_wait,
+        timed_images=timed_images,
+        timed_seconds=timed_seconds,
+        step_losses=step_losses,
+        train_metrics=train_metrics.compute() if train_metrics is not None else None,
+    )
+
+
+def _detach(outputs: Any) -> Any:
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(o.detach().float() for o in outputs)
+    return outputs.detach().float()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable,
+    metrics: Any,
+    runtime: Runtime,
+    *,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    prepare_batch: Callable = to_device,
+    forward: Callable[[torch.nn.Module, torch.Tensor], Any] | None = None,
+) -> dict[str, float]:
+    """Metrics over the whole split: each rank scores its shard, the sums are all-reduced.
+
+    `forward(model, inputs)` replaces `model(inputs)` (e.g. sliding-window inference); the result is
+    what `metrics.update` and `loss_fn` receive.
+    """
+    channels_last = bool(getattr(runtime.args, "channels_last", False))
+    device = runtime.device.device
+    was_training = model.training
+    model.eval()
+    metrics.reset()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in loader:
+        inputs, targets = prepare_batch(batch, device, channels_last)
+        with runtime.amp.autocast():
+            outputs = forward(model, inputs) if forward is not None else model(inputs)
+        outputs = _detach(outputs)
+        if loss_fn is not None:
+            loss_sum += loss_fn(outputs, targets).double() * inputs.shape[0]
+        count += inputs.shape[0]
+        metrics.update(outputs, targets)
+    state = metrics.state_tensor()
+    runtime.dist.all_reduce(state)
+    metrics.load_state_tensor(state)
+    totals = torch.stack([loss_sum, count])
+    runtime.dist.all_reduce(totals)
+    result = metrics.compute()
+    result["loss"] = float(totals[0] / totals[1]) if loss_fn is not None and totals[1] > 0 else float("nan")
+    model.train(was_training)
+    return result
+
+
+class TrainingRun:
+    """Checkpoints, resume, history, plot and summary of one training run.
+
+    Args:
+        runtime: from `common.cli.setup_runtime`.
+        save_dir: where `latest_name`, `best_name`, config.json, history and progress.png go.
+        model / optimizer / scheduler: the live objects (model may be DDP-wrapped or compiled).
+        selection_key: the key of the validation dict that picks the best checkpoint.
+        selection_mode: "max" or "min".
+        network / batch_size / mode: for the ModelZoo summary when no test script launched the run.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        save_dir: str | Path,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None = None,
+        config: dict | None = None,
+        selection_key: str,
+        selection_mode: str = "max",
+        network: str,
+        batch_size: int,
+        mode: str = "acc",
+        latest_name: str = "checkpoint.pth.tar",
+        best_name: str = "model_best.pth.tar",
+        plot_metric: str | None = None,
+    ):
+        if selection_mode not in ("max", "min"):
+            raise ValueError("selection_mode must be 'max' or 'min'")
+        self.runtime = runtime
+        self.save_dir = Path(save_dir)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config = config or {}
+        self.selection_key, self.selection_mode = selection_key, selection_mode
+        self.latest_path = self.save_dir / latest_name
+        self.best_path = self.save_dir / best_name
+        self.plot_metric = plot_metric or selection_key
+        self.target = SummaryTarget.from_env(
+            self.save_dir, network, batch_size, runtime.dist.world_size, mode
+        )
+        self.throughput = Throughput(getattr(runtime.args, "warmup_steps", 5))
+        self.history: list[dict] = []
+        self.step_losses: list[float] = []
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.start_epoch = 0
+        self.global_step = 0
+        self.skipped_steps = 0
+        self._last_plot = -math.inf
+        if runtime.is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- resume -----------------------------------------------------------------------------------
+    def resume(self, path: str | Path | None) -> int:
+        """Restore everything from a checkpoint written by `end_epoch`; returns the epoch to start at."""
+        if not path:
+            return 0
+        state = load_checkpoint(path, map_location="cpu")
+        if not isinstance(state, dict) or "optimizer" not in state or "epoch" not in state:
+            raise CheckpointError(
+                f"{path} holds weights only, not a training state; use it with --pretrained/--pth_path "
+                "(initial weights) or pass a checkpoint.pth.tar written by this code to --resume"
+            )
+        load_weights(self.model, state)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: optimizer state does not fit this optimizer ({exc})") from exc
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("amp"):
+            self.runtime.amp.load_state_dict(state["amp"])
+        self.history = list(state.get("history", []))
+        self.step_losses = list(state.get("step_losses", []))
+        self.best_value = state.get("best_metric")
+        self.best_epoch = state.get("best_epoch")
+        self.global_step = int(state.get("global_step", 0))
+        self.start_epoch = int(state["epoch"])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"])
+        self.runtime.print(
+            f"Resumed from {path}: {self.start_epoch} epoch(s) done, best {self.selection_key} = {self.best_value}"
+        )
+        return self.start_epoch
+
+    # ---- epochs -----------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int, *loaders: Any) -> None:
+        """Seeds depend only on (seed, epoch): a resumed epoch replays exactly."""
+        seed_everything(int(getattr(self.runtime.args, "seed", 0)) * 1000 + epoch)
+        for loader in loaders:
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+    def is_better(self, value: float) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.selection_mode == "max" else value < self.best_value
+
+    def end_epoch(
+        self, epoch: int, stats: EpochStats, val: dict[str, float] | None = None, **extra: Any
+    ) -> bool:
+        """Record the epoch, write `latest` (and `best` when the selection metric improved), plot.
+
+        Returns True when this epoch is the new best.
+        """
+        self.global_step += stats.steps
+        self.step_losses.extend(stats.step_losses)
+        self.skipped_steps += stats.skipped_steps
+        lr = current_lr(self.optimizer)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": stats.loss_mean,
+            "last_loss": stats.last_loss,
+            "lr": lr,
+            "epoch_time": stats.seconds,
+            "fps": stats.fps(self.runtime.dist.world_size),
+            "data_wait_fraction": stats.data_wait_fraction,
+            "skipped_steps": stats.skipped_steps,
+        }
+        if stats.train_metrics:
+            record.update({f"train_{k}": v for k, v in stats.train_metrics.items()})
+        if val:
+            record.update({("val_loss" if k == "loss" else k): v for k, v in val.items()})
+        record.update(extra)
+        self.history.append(record)
+        improved = val is not None and self.is_better(val.get(self.selection_key))
+        if improved:
+            self.best_value, self.best_epoch = float(val[self.selection_key]), epoch + 1
+        if self.runtime.is_main:
+            state = self.state_dict(epoch + 1)
+            save_checkpoint(state, self.latest_path)
+            if improved:
+                save_checkpoint(state, self.best_path)
+            self._plot(final=False)
+        return improved
+
+    def state_dict(self, epochs_done: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epochs_done,
+            "global_step": self.global_step,
+            "arch": type(unwrap_model(self.model)).__name__,
+            "state_dict": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "amp": self.runtime.amp.state_dict(),
+            "best_metric": self.best_value,
+            "best_epoch": self.best_epoch,
+            "selection_key": self.selection_key,
+            "history": _plain(self.history),
+            "step_losses": self.step_losses,
+            "rng": rng_state(),
+            "config": _plain(self.config),
+        }
+
+    def _plot(self, final: bool) -> None:
+        # A plot costs about a second on a small CPU; short epochs would spend much of their time on it.
+        now = time.monotonic()
+        if not final and now - self._last_plot < 30.0:
+            return
+        self._last_plot = now
+        try:
+            from common.plots import plot_progress
+
+            plot_progress(self.history, self.save_dir / "progress.png", self.plot_metric, self.plot_metric)
+        except Exception as exc:  # noqa: BLE001 - a plot must never stop training
+            print(f"warning: progress plot not written ({exc})", file=sys.stderr)
+
+    # ---- the end ----------------------------------------------------------------------------------
+    def global_fps(self) -> float:
+        """Images per second over all ranks: summed timed images over the slowest rank's timed seconds."""
+        (images,) = self.runtime.dist.reduce_scalars(
+            [self.throughput.images], self.runtime.device.device, "sum"
+        )
+        (seconds,) = self.runtime.dist.reduce_scalars(
+            [self.throughput.seconds], self.runtime.device.device, "max"
+        )
+        return images / seconds if seconds > 0 else float("nan")
+
+    def finish(
+        self,
+        train_accuracy: float | str | None,
+        *,
+        extra_lines: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> Path | None:
+        """Write the ModelZoo summary (rank 0). Call on every rank: the FPS reduction is collective."""
+        fps = self.global_fps()
+        if not self.runtime.is_main:
+            return None
+        if self.history:
+            self._plot(final=True)
+        data_wait = self.throughput.data_wait / self.throughput.wall if self.throughput.wall > 0 else 0.0
+        payload = {
+            "device": self.runtime.device.as_dict(),
+            "amp_type": self.runtime.amp.amp_type,
+            "precision": self.runtime.amp.describe(),
+            "world_size": self.runtime.dist.world_size,
+            "selection_key": self.selection_key,
+            "best_metric": self.best_value,
+            "best_epoch": self.best_epoch,
+            "epochs_done": len(self.history),
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "timed_images": self.throughput.images,
+            "timed_seconds": self.throughput.seconds,
+            "data_wait_fraction": data_wait,
+            "checkpoint_latest": str(self.latest_path),
+            "checkpoint_best": str(self.best_path),
+            "config": _plain(self.config),
+            "history": self.history,
+        }
+        payload.update(details or {})
+        if (self.save_dir / "progress.png").exists() and self.target.output_dir != self.save_dir:
+            import shutil
+
+            self.target.output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.save_dir / "progress.png", self.target.output_dir / "progress.png")
+        summary = RunSummary(
+            fps=fps,
+            train_accuracy=train_accuracy,
+            actual_loss=self.step_losses[-1] if self.step_losses else None,
+            step_losses=self.step_losses,
+            extra_lines=extra_lines or {},
+            details=payload,
+        )
+        return write_summary(self.target, summary)
+
+
+def _plain(value: Any) -> Any:
+    """Configuration as plain data (weights_only checkpoints accept nothing else)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)  # str subclasses (torch.__version__) and objects would need unpickling code

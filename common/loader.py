@@ -1,0 +1,133 @@
+"""DataLoaders that shard across ranks, seed their workers and never drop or repeat a validation sample."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from common.distributed import DistContext
+from common.errors import ConfigError
+
+
+class SeededDataset(Dataset):
+    """A dataset whose augmentation draws from a generator seeded by (seed, epoch, index).
+
+    The training sampler hands out `(epoch, index)` keys, so a sample's augmentation depends on neither
+    the worker that loads it, nor the number of workers or ranks, nor whether the run was resumed: an
+    interrupted run continues with exactly the batches it would have seen. Subclasses implement
+    `load(index, rng)`; `rng` is None when the sample should not be augmented (evaluation).
+    """
+
+    seed: int = 0
+
+    def load(self, index: int, rng: np.random.Generator | None):
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, index = key
+            return self.load(index, np.random.default_rng([self.seed, epoch, index]))
+        return self.load(key, None)
+
+
+class EpochKeyedSampler(DistributedSampler):
+    """DistributedSampler that yields `(epoch, index)` keys for a `SeededDataset`."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+class ShardedSampler(Sampler[int]):
+    """Indices rank, rank + world, ... : every sample on exactly one rank, none padded or repeated.
+
+    DistributedSampler pads the last shard with repeats so all ranks get the same count; summed metric
+    counts would then count those images twice. Sums all-reduced over these shards equal one process's.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def seed_worker(worker_id: int) -> None:
+    """numpy and random in each worker follow the torch seed the DataLoader gave it (augmentation)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """The ModelZoo scripts give the global batch; each rank takes its share."""
+    if global_batch < 1:
+        raise ConfigError(f"batch size must be at least 1, got {global_batch}")
+    if global_batch % world_size:
+        raise ConfigError(f"global batch size {global_batch} is not divisible by {world_size} ranks")
+    return global_batch // world_size
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    ctx: DistContext,
+    *,
+    train: bool,
+    workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """A loader for one rank.
+
+    Training: DistributedSampler (seeded, reshuffled by `set_epoch`; keyed by epoch for a SeededDataset),
+    full batches only. Evaluation: ShardedSampler in order. Workers persist across epochs (start-up costs
+    seconds per epoch otherwise); augmentation seeds come from the keys, not from worker state.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {workers}")
+    if len(dataset) == 0:
+        raise ConfigError("the dataset split is empty: nothing to load")
+    if train:
+        sampler_class = EpochKeyedSampler if isinstance(dataset, SeededDataset) else DistributedSampler
+        sampler: Sampler = sampler_class(
+            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        drop_last = True if drop_last is None else drop_last
+        if drop_last and len(sampler) < batch_size:
+            raise ConfigError(
+                f"the training split has {len(dataset)} samples, {len(sampler)} per rank: fewer than one batch "
+                f"of {batch_size}; lower the batch size or add data"
+            )
+    else:
+        sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size)
+        drop_last = False
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,138 @@
+"""A tiny end-to-end training script over the common runtime, used by common's tests only.
+
+It is a real entry point (flags, runtime, seeded data, engine, checkpoints, summary) with a toy network
+and a procedural dataset, so the shared machinery can be tested in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from common.cli import add_common_args, describe_config, print_config, setup_runtime  # noqa: E402
+from common.engine import TrainingRun, evaluate, train_one_epoch  # noqa: E402
+from common.loader import SeededDataset, build_loader  # noqa: E402
+from common.losses import build_loss  # noqa: E402
+from common.metrics import SegmentationMetrics  # noqa: E402
+
+
+class Squares(SeededDataset):
+    """Noisy images with a bright square; the mask is the square. Augmentation: random flips."""
+
+    def __init__(self, n: int, size: int = 16, seed: int = 0, offset: int = 0):
+        self.n, self.size, self.seed, self.offset = n, size, seed, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, index: int, rng: np.random.Generator | None):
+        gen = np.random.default_rng(index + self.offset)
+        mask = np.zeros((self.size, self.size), np.float32)
+        half = int(gen.integers(2, self.size // 3))
+        cy, cx = gen.integers(half, self.size - half, size=2)
+        mask[cy - half : cy + half, cx - half : cx + half] = 1
+        image = mask * 0.8 + gen.normal(0, 0.3, mask.shape).astype(np.float32)
+        if rng is not None and rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        return torch.from_numpy(image.copy())[None], torch.from_numpy(mask.copy())[None]
+
+
+class ToyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data_path", default="")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--save", default="toy_run")
+    parser.add_argument("--resume", default="")
+    parser.add_argument("--evaluate", default="", help="evaluate these weights and write metrics JSON")
+    parser.add_argument("--metrics_out", default="")
+    parser.add_argument("--crash_after_epoch", type=int, default=-1, help="exit(17) after this epoch (tests)")
+    parser.add_argument(
+        "--die_rank", type=int, default=-1, help="this rank exits(3) at the first epoch (tests)"
+    )
+    parser.add_argument(
+        "--nan_after_step", type=int, default=-1, help="make the loss NaN from this step (tests)"
+    )
+    add_common_args(parser, seed=3, workers=0)
+    args = parser.parse_args(argv)
+    runtime = setup_runtime(args)
+    model = ToyNet().to(runtime.device.device)
+    train_set, val_set = Squares(24, seed=args.seed), Squares(10, offset=1000)
+    train_loader = build_loader(
+        train_set,
+        args.batch_size // runtime.dist.world_size,
+        runtime.dist,
+        train=True,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    val_loader = build_loader(val_set, 3, runtime.dist, train=False)
+    metrics = SegmentationMetrics()
+    if args.evaluate:
+        from common.checkpoint import load_weights
+
+        load_weights(model, args.evaluate)
+        result = evaluate(model, val_loader, metrics, runtime)
+        if runtime.is_main and args.metrics_out:
+            Path(args.metrics_out).write_text(json.dumps(result))
+        runtime.dist.shutdown()
+        return 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.9)
+    model = runtime.dist.wrap(model, runtime.device)
+    base_loss = build_loss("BCEDiceLoss")
+    step_counter = {"n": 0}
+
+    def loss_fn(out, target):
+        step_counter["n"] += 1
+        loss = base_loss(out, target)
+        if 0 <= args.nan_after_step < step_counter["n"]:
+            loss = loss * float("nan")
+        return loss
+
+    config = describe_config(runtime)
+    print_config(runtime, config, Path(args.save) / "config.json")
+    run = TrainingRun(runtime, args.save, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
+                      selection_key="dice_mean", network="Toy", batch_size=args.batch_size)  # fmt: skip
+    start = run.resume(args.resume)
+    for epoch in range(start, args.epochs):
+        if runtime.dist.rank == args.die_rank:
+            os._exit(3)
+        run.begin_epoch(epoch, train_loader)
+        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, runtime, epoch=epoch,
+                                throughput=run.throughput, global_step=run.global_step,
+                                on_log=lambda s: runtime.print(f"Epoch [{s.epoch + 1}/{args.epochs}], Step:[{s.step}/{s.steps}], Loss: {s.loss:.4f}"))  # fmt: skip
+        val = evaluate(model, val_loader, metrics, runtime, loss_fn=base_loss)
+        scheduler.step()
+        run.end_epoch(epoch, stats, val)
+        runtime.print(f"[Validation] Dice: {val['dice_mean']:.4f}")
+        if epoch == args.crash_after_epoch:
+            raise SystemExit(17)
+    run.finish(run.history[-1]["dice_mean"] if run.history else None)
+    runtime.dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
