@@ -14,14 +14,14 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from common.amp import OPT_LEVELS, MixedPrecision
 from common.device import DEVICE_CHOICES, DeviceInfo, make_deterministic, select_device
 from common.distributed import DistContext, init_distributed, modelzoo_env_to_torchrun
-from common.errors import ConfigError
+from common.errors import ConfigError, ModelZooError
 from common.loader import seed_everything
 
 
@@ -207,3 +207,17 @@ def check_choice(name: str, value: str, valid: list[str] | tuple[str, ...]) -> s
     if value not in valid:
         raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
     return value
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run an entry point; a ModelZooError becomes one clear `[Error] ...` line and exit status 2.
+
+    Bad data, bad flags and unusable checkpoints are the user's to fix, so they get the message without
+    a traceback; anything else is a bug and keeps its traceback.
+    """
+    try:
+        code = main()
+    except ModelZooError as exc:
+        print(f"[Error] {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)
