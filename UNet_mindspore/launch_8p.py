@@ -1,0 +1,177 @@
+"""Start one training process per device, from an Ascend rank table or for N local devices.
+
+    python launch_8p.py [--rank_table_file=hccl_8p.json] [--nproc=N] [train.py flags ...]
+
+With a rank table (see src/rank_table.py for the format) the number of ranks and this server's device ids
+come from the table; without one, N ranks on devices 0..N-1 (N = --nproc, else RANK_SIZE, else the number
+of NPUs/GPUs, else 2 on a CPU-only machine). Either way the processes are started by torchrun, which stops
+every rank when one fails; each rank writes stdout and stderr to logs/device<X>/log.log (X = its device id),
+as the original's run_distribute_train.sh, and runs `python train.py --run_distribute <flags>`.
+Several servers: run the same command on each; this server is found by --server_id (or SERVER_ID), and
+rank 0's server is the rendezvous address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
+from src.rank_table import RankTable, read_rank_table
+
+from common.errors import ConfigError, ModelZooError
+
+HERE = Path(__file__).resolve().parent
+ENTRY = "--rank_entry"
+DEFAULT_MASTER_PORT = 29688
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other flag goes to the training script.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--rank_table_file", "--rank_table", dest="rank_table_file", default=None)
+    parser.add_argument("--nproc", "--device_num", dest="nproc", type=int, default=None,
+                        help="ranks on this machine without a rank table")  # fmt: skip
+    parser.add_argument("--log_dir", default="logs", help="logs/device<X>/log.log per rank")
+    parser.add_argument(
+        "--server_id", default=os.environ.get("SERVER_ID"), help="this server's id in the table"
+    )
+    parser.add_argument(
+        "--master_port", type=int, default=int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
+    )
+    parser.add_argument("--script", default="train.py", help="training script started on every rank")
+    return parser
+
+
+def accelerator_count() -> int:
+    from common.device import device_count
+
+    return device_count("npu") or device_count("cuda")
+
+
+def local_ips() -> set[str]:
+    names = {"127.0.0.1", "localhost", socket.gethostname()}
+    try:
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return names
+
+
+def this_server(table: RankTable, server_id: str | None) -> int:
+    if len(table.servers) == 1:
+        return 0
+    if server_id:
+        return table.server_index(server_id)
+    matches = [i for i, s in enumerate(table.servers) if s.server_id in local_ips()]
+    if len(matches) != 1:
+        known = ", ".join(s.server_id for s in table.servers)
+        raise ConfigError(f"which server of {table.path} is this one? pass --server_id (one of {known})")
+    return matches[0]
+
+
+def torchrun_command(args: argparse.Namespace, devices: list[int], nnodes: int, node_rank: int,
+                     master_addr: str, train_args: list[str]) -> list[str]:  # fmt: skip
+    rendezvous = ["--standalone"] if nnodes == 1 else [
+        f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+        f"--master_port={args.master_port}",
+    ]  # fmt: skip
+    entry = [
+        str(HERE / "launch_8p.py"),
+        ENTRY,
+        args.log_dir,
+        ",".join(map(str, devices)),
+        args.rank_table_file or "",
+    ]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={len(devices)}",
+            "--max_restarts=0", *entry, "--", args.script, *train_args]  # fmt: skip
+
+
+def launch(argv: list[str]) -> int:
+    args, train_args = build_parser().parse_known_args(argv)
+    if train_args[:1] == ["--"]:
+        train_args = train_args[1:]
+    if args.rank_table_file:
+        table = read_rank_table(args.rank_table_file)
+        node = this_server(table, args.server_id)
+        devices, nnodes, master, world = table.servers[node].device_ids, len(table.servers), table.master_addr, table.world_size  # fmt: skip
+        source = f"rank table {table.path}: {world} rank(s) on {nnodes} server(s)"
+    else:
+        nproc = args.nproc or int(os.environ.get("RANK_SIZE", "0")) or accelerator_count() or 2
+        if nproc < 1:
+            raise ConfigError(f"--nproc must be a positive integer, got {nproc}")
+        devices, nnodes, node, master, world = list(range(nproc)), 1, 0, "127.0.0.1", nproc
+        source = f"no rank table: {nproc} local rank(s)"
+    env = dict(os.environ)
+    if accelerator_count() == 0:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    print(f"Distributed training, {source}; devices {devices} here", flush=True)
+    first_rank = node * len(devices)
+    for local, device in enumerate(devices):
+        print(f"start training for rank {first_rank + local}, device {device}: "
+              f"{Path(args.log_dir) / f'device{device}' / 'log.log'}", flush=True)  # fmt: skip
+    if "--run_distribute" not in " ".join(train_args) and world > 1:
+        train_args = ["--run_distribute", *train_args]
+    if not Path(args.script).exists():
+        args.script = str(HERE / args.script)  # relative to this folder when not found where we run
+    command = torchrun_command(args, devices, nnodes, node, master, train_args)
+    proc = subprocess.run(command, env=env)
+    if proc.returncode == 0:
+        print(f"Distributed training finished; logs in {Path(args.log_dir)}/device<X>/log.log", flush=True)
+    else:
+        print(f"[Error] distributed training failed (exit {proc.returncode}); last lines of each rank's log:",
+              file=sys.stderr)  # fmt: skip
+        for device in devices:
+            log = Path(args.log_dir) / f"device{device}" / "log.log"
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                print(f"--- {log}\n" + "\n".join(tail), file=sys.stderr)
+    return proc.returncode
+
+
+def rank_entry(argv: list[str]) -> None:
+    """Inside torchrun: this rank's device and ModelZoo variables, its log file, then the training script."""
+    log_dir, devices, table, separator, *command = argv
+    if separator != "--" or not command:
+        raise SystemExit("usage: launch_8p.py --rank_entry LOG_DIR DEVICES TABLE -- script.py [args]")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = int(devices.split(",")[local_rank])
+    os.environ.update(
+        RANK_ID=os.environ.get("RANK", str(local_rank)),
+        RANK_SIZE=os.environ.get("WORLD_SIZE", "1"),
+        DEVICE_ID=str(device),
+        ASCEND_DEVICE_ID=str(device),
+        LOCAL_RANK=str(device),  # the device index common.device selects; the table's ids need not start at 0
+    )
+    if table:
+        os.environ["RANK_TABLE_FILE"] = str(Path(table).resolve())
+    folder = Path(log_dir) / f"device{device}"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "log.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.execv(sys.executable, [sys.executable, *command])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [ENTRY]:
+        rank_entry(argv[1:])
+    return launch(argv)
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except ModelZooError as error:
+        print(f"[Error] {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
