@@ -157,6 +157,11 @@ def train_one_epoch(
     iterator = iter(_iterate(loader, show_bar, f"epoch {epoch + 1}"))
     step = 0
     while step < steps:
+        if timing_from is None and throughput.steps_seen >= throughput.warmup_steps:
+            # Timed from the start of the first step after the warm-up, so every later step counts (also
+            # the first step of each epoch, and epochs of a single step).
+            device.synchronize()
+            timing_from = time.perf_counter()
         wait_start = time.perf_counter()
         try:
             batch = next(iterator)
@@ -185,9 +190,6 @@ def train_one_epoch(
         throughput.steps_seen += 1
         if timing_from is not None:
             timed_images += batch_images
-        elif throughput.steps_seen >= throughput.warmup_steps:
-            device.synchronize()
-            timing_from = time.perf_counter()
         if step % log_every == 0 or step == steps:
             values = torch.stack(pending).tolist()  # the one host sync per log interval
             pending.clear()

@@ -1,0 +1,64 @@
+"""Segment nuclei with a trained UNet / UNet++ and write masks and overlays (default: the validation split).
+
+    python demo.py --resume models/dsb2018_96_UNet_woDS/model_best.pth.tar
+    python demo.py --resume model_best.pth.tar --input my_images/ --output outputs/UNet_Demo
+
+Per image, `<id>_mask.png` (0/255, at the image's own size) and `<id>_overlay.png` (prediction in red,
+ground truth contour in green when known) go to `--output` (default outputs/UNet_Demo/). Without
+`--input`, the validation images of the checkpoint's training data are used and their Dice is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
+from inference import add_model_args, image_loader, load_model, validation_samples
+
+from common.errors import ModelZooError
+from common.imageio import read_mask
+from common.predict2d import list_images, predict_images
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_args(parser)
+    parser.add_argument("--input", default=None, help="image file or folder (default: the validation split)")
+    parser.add_argument("--output", default="outputs/UNet_Demo")
+    parser.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid > this")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png")
+    args = parser.parse_args(argv)
+    try:
+        model, settings = load_model(args)
+        if args.input:
+            paths, masks = list_images(args.input), {}
+        else:
+            samples = validation_samples(settings)
+            paths, masks = [s[1] for s in samples], {s[1]: s[2] for s in samples}
+        rows = predict_images(
+            model, paths, image_loader(settings), args.output, "cpu", threshold=args.threshold,
+            batch_size=args.batch_size, save_prob=args.save_prob,
+            target_for=(lambda p: read_mask(masks[p]) if p in masks else None) if masks else None,
+        )  # fmt: skip
+    except ModelZooError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    (out / "predictions.json").write_text(json.dumps(rows, indent=1) + "\n")
+    dice = [r["dice"] for r in rows if r.get("dice") is not None]
+    for row in rows:
+        score = f"  Dice {row['dice']:.4f}" if row.get("dice") is not None else ""
+        print(f"{Path(row['image']).name}: foreground {row['foreground_fraction']:.1%}{score}")
+    summary = f"; mean Dice {sum(dice) / len(dice):.4f} over {len(dice)} images" if dice else ""
+    print(f"wrote {len(rows)} masks and overlays to {out}{summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

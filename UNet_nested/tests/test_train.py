@@ -1,0 +1,257 @@
+"""train.py end to end: the real test/*.sh scripts (1 rank and 2 ranks) on the demo data, resume, flag
+checks, ONNX export checked with onnxruntime on a real image, and the demo. Tiny sizes (32x32) throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import demo
+import numpy as np
+import pthtar2onnx
+import pytest
+import torch
+import train
+from inference import image_loader
+from PIL import Image
+
+from common.checkpoint import load_checkpoint, load_weights
+from common.errors import CheckpointError, ConfigError
+from common.summary import parse_summary
+from common.testing import shared_data_dir
+
+FOLDER = Path(__file__).resolve().parents[1]
+TINY = ["--input_w=32", "--input_h=32"]
+ORDER = ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "ActualFPS", "TrainingTime",
+         "TrainAccuracy", "ActualLoss", "E2ETrainingTime"]  # fmt: skip
+STEP_LINE = re.compile(
+    r"^Epoch: \[\d+\]\[\s*\d+/\d+\]\tTime\s+[\d.]+ \(\s*[\d.]+\)\tData\s+[\d.]+ \(\s*[\d.]+\)\t"
+    r"Loss [\d.]+ \([\d.]+\)\tIou [\d.]+ \([\d.]+\)$",
+    re.M,
+)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A copy of this folder beside a link to `common`: the scripts' test/output, demo_data and models
+    land there, so the test run never touches a user's logs and checkpoints in the real folder."""
+    root = tmp_path_factory.mktemp("repo")
+    (root / "common").symlink_to(FOLDER.parent / "common", target_is_directory=True)
+    copy = root / FOLDER.name
+    (copy / "test").mkdir(parents=True)
+    for path in [*FOLDER.glob("*.py"), *(FOLDER / "test").glob("*.sh")]:
+        shutil.copy2(path, copy / path.relative_to(FOLDER))
+    return copy
+
+
+def run_script(folder: Path, name: str, *args: str, rank_size: int = 1) -> subprocess.CompletedProcess:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    }
+    env.update(RANK_SIZE=str(rank_size), OMP_NUM_THREADS="1")
+    return subprocess.run(["bash", f"test/{name}.sh", *args], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(folder):
+    """RANK_SIZE=2 bash test/train_full_8p.sh --epochs=1 on the demo data (global batch 8, 32x32)."""
+    proc = run_script(folder, "train_full_8p", "--epochs=1", "--batch_size=8", *TINY, rank_size=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    output = folder / "test" / "output"
+    summary = parse_summary(output / "0" / "UNet_bs8_2p_acc.log")
+    details = json.loads((output / "0" / "summary.json").read_text())
+    logs = [(output / str(r) / f"train_{r}.log").read_text() for r in (0, 1)]
+    return folder / "models" / "demo_dsb2018_32_UNet_woDS", summary, details, logs
+
+
+@pytest.mark.slow
+def test_two_ranks_write_an_acc_summary_checkpoints_and_reference_log_lines(two_rank_run):
+    run_dir, summary, details, logs = two_rank_run
+    assert list(summary) == ORDER
+    assert summary["CaseName"] == "UNet_bs8_2p_acc" and summary["RankSize"] == "2"
+    assert float(summary["ActualFPS"]) > 0
+    assert float(summary["TrainAccuracy"]) == pytest.approx(100 * details["iou_best"], abs=1e-4)
+    assert details["iou_best"] == details["history"][-1]["jaccard_mean"]
+    assert 0 <= details["data_wait_fraction"] < 1
+    assert details["val_images"] == 5 and details["train_images"] == 19  # demo data: 24 images, 80/20
+    for key in ("dice_best_epoch", "hd95_best_epoch"):
+        assert key in details
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar", "config.json", "log.csv"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["arch"] == "UNet" and config["world_size"] == 2 and config["batch_size"] == 8
+    assert STEP_LINE.search(logs[0]), logs[0]
+    assert re.search(r"^\[npu id: 0 \] \* FPS@all [\d.]+$", logs[0], re.M)
+    assert re.search(r"^\[npu id: 0 \] \[AVG-IOU\] \* Iou [\d.]+$", logs[0], re.M)
+    assert "Epoch:" not in logs[1]  # only rank 0 prints
+    state = load_checkpoint(run_dir / "checkpoint.pth.tar")
+    assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["state_dict"])
+
+
+@pytest.mark.slow
+def test_eval_script_scores_the_trained_checkpoint(folder, two_rank_run):
+    run_dir, _, details, _ = two_rank_run
+    # No --pth_path: the default is models/<dataset>_<arch>_woDS/model_best.pth.tar of the run above.
+    proc = run_script(folder, "train_eval_8p", *TINY, rank_size=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    output = folder / "test" / "output" / "0"
+    assert f"Evaluating models/{run_dir.name}/model_best.pth.tar" in (output / "train_0.log").read_text()
+    summary = parse_summary(output / "UNet_bs128_2p_eval.log")
+    assert list(summary) == ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "TrainAccuracy",
+                             "ActualLoss", "E2ETrainingTime"]  # fmt: skip
+    # The same weights on the same validation split: the training run's number.
+    assert float(summary["TrainAccuracy"]) == pytest.approx(100 * details["iou_best"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_performance_script_writes_a_perf_summary(folder):
+    proc = run_script(folder, "train_performance_1p", *TINY, "--train_steps=3", "--warmup_steps=1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DEMO dataset" in proc.stdout
+    output = folder / "test" / "output" / "0"
+    summary = parse_summary(output / "UNet_bs16_1p_perf.log")
+    assert "TrainAccuracy" not in summary and summary["CaseName"] == "UNet_bs16_1p_perf"
+    assert float(summary["ActualFPS"]) > 0
+    losses = (output / "train_UNet_bs16_1p_perf_loss.txt").read_text().split()
+    assert len(losses) == 3 and summary["ActualLoss"] == f"{float(losses[-1]):.4f}"
+
+
+# ----------------------------------------------------------------------------------------------- in process
+
+
+def _prepared(root: Path, n: int = 10, size: int = 32) -> Path:
+    gen = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks" / "0").mkdir(parents=True)
+    for i in range(n):
+        mask = np.zeros((size, size), bool)
+        top, left = gen.integers(0, size // 2, size=2)
+        mask[top : top + 10, left : left + 8] = True
+        image = np.repeat(np.where(mask, 190, 30).astype(np.uint8)[:, :, None], 3, axis=2)
+        Image.fromarray(image).save(root / "images" / f"n{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / "0" / f"n{i}.png")
+    return root
+
+
+@pytest.fixture
+def restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_resume_continues_exactly(tmp_path, restore_determinism, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("MODELZOO_")]:
+        monkeypatch.delenv(key)
+    data = _prepared(tmp_path / "data", n=6)  # 5 training images: one batch of 4 per epoch
+    common = ["--data_path", str(data), *TINY, "-b", "4", "--scheduler", "ConstantLR", "--deterministic",
+              "--log_interval", "1"]  # fmt: skip
+    assert train.main([*common, "--epochs", "2", "--models_dir", str(tmp_path / "a")]) == 0
+    assert train.main([*common, "--epochs", "1", "--models_dir", str(tmp_path / "b")]) == 0
+    name = "data_UNet_woDS"
+    resume = str(tmp_path / "b" / name / "checkpoint.pth.tar")
+    assert (
+        train.main([*common, "--epochs", "2", "--models_dir", str(tmp_path / "b"), "--resume", resume]) == 0
+    )
+    a = load_checkpoint(tmp_path / "a" / name / "checkpoint.pth.tar")
+    b = load_checkpoint(tmp_path / "b" / name / "checkpoint.pth.tar")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    rows = (tmp_path / "b" / name / "log.csv").read_text().splitlines()
+    assert (
+        rows[0] == "epoch,lr,loss,iou,val_loss,val_iou,val_dice,val_hd95,elapsed_s,cpu_s" and len(rows) == 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--input_w", "100"],
+            "--input_w must be a multiple of 16 (four 2x poolings), got 100; use 96 or 112",
+        ),
+        (["--deep_supervision"], "--deep_supervision needs --arch NestedUNet"),
+        (["--arch", "UNet3"], "unknown --arch 'UNet3'; valid: UNet, NestedUNet"),
+        (["--num_classes", "2"], "--num_classes must be 1"),
+        (
+            ["--scheduler", "MultiStepLR", "--milestones", "a,b"],
+            "--milestones must be positive epoch numbers",
+        ),
+    ],
+)
+def test_bad_flags_are_refused_with_the_rule(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train.main(["--data_path", "/nonexistent", *flags])
+
+
+def test_evaluate_without_a_checkpoint_says_what_to_do(tmp_path):
+    data = _prepared(tmp_path / "data", n=4)
+    with pytest.raises(CheckpointError, match="does not exist: train first"):
+        train.main(["--data_path", str(data), *TINY, "--evaluate", "--models_dir", str(tmp_path / "m")])
+
+
+@pytest.fixture(scope="module")
+def nested_checkpoint(tmp_path_factory):
+    """UNet++ with deep supervision, 1 epoch on a tiny prepared set."""
+    root = tmp_path_factory.mktemp("nested")
+    data = _prepared(root / "data", n=8)
+    args = ["--data_path", str(data), *TINY, "-b", "4", "--epochs", "1", "--arch", "NestedUNet",
+            "--deep_supervision", "--loss", "BCEDiceLoss", "--models_dir", str(root / "models")]  # fmt: skip
+    assert train.main(args) == 0
+    return root / "models" / "data_NestedUNet_wDS" / "model_best.pth.tar"
+
+
+def _real_image() -> Path:
+    stage1 = shared_data_dir() / "dsb2018" / "stage1_train"
+    if not stage1.is_dir():
+        pytest.skip(f"real-data sample {stage1} is not present (it ships with CI, not with a clone)")
+    folder = sorted(p for p in stage1.iterdir() if p.is_dir())[0]
+    return folder / "images" / f"{folder.name}.png"
+
+
+def test_onnx_export_matches_pytorch_on_a_real_image(nested_checkpoint, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    image = _real_image()
+    out = tmp_path / "unetpp.onnx"
+    assert (
+        pthtar2onnx.main(["--resume", str(nested_checkpoint), "--image", str(image), "--output", str(out)])
+        == 0
+    )
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["actual_input_1"]
+    assert [o.name for o in session.get_outputs()] == ["output1"]
+    # Independently: rebuild the network from the checkpoint and run both on the real image.
+    state = load_checkpoint(nested_checkpoint)
+    model = train.archs.NestedUNet(1, 3, deep_supervision=True)
+    load_weights(model, state)
+    model.eval()
+    x, display = image_loader({"input_channels": 3, "input_h": 32, "input_w": 32})(image)
+    assert display.shape[2] == 3 and x.shape == (3, 32, 32)
+    with torch.no_grad():
+        expected = model(x[None])[-1].numpy()
+    got = session.run(None, {"actual_input_1": x[None].numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_demo_writes_masks_and_overlays_for_the_validation_split(nested_checkpoint, tmp_path, capsys):
+    out = tmp_path / "UNet_Demo"
+    assert demo.main(["--resume", str(nested_checkpoint), "--output", str(out)]) == 0
+    rows = json.loads((out / "predictions.json").read_text())
+    assert len(rows) == 2  # 8 images, 80/20
+    for row in rows:
+        mask = np.array(Image.open(row["mask"]))
+        assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+        assert Image.open(row["overlay"]).mode == "RGB"
+        assert 0.0 <= row["dice"] <= 1.0
+    assert "mean Dice" in capsys.readouterr().out
+    folder_out = tmp_path / "folder"
+    assert demo.main(["--resume", str(nested_checkpoint), "--input", str(Path(rows[0]["image"]).parent),
+                      "--output", str(folder_out)]) == 0  # fmt: skip
+    assert len(list(folder_out.glob("*_mask.png"))) == 8
