@@ -25,3 +25,45 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real-data sample {path} is not present (it ships with CI, not with a clone)")
     return path
+
+
+# ---- fault injection for the hardening suites (every folder's tests/test_hardening.py) ----------------
+
+
+def truncate(path: str | Path, keep: float = 0.5) -> Path:
+    """Cut a file to `keep` of its size (a download that stopped half-way)."""
+    path = Path(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: max(1, int(len(data) * keep))])
+    return path
+
+
+def garble(path: str | Path, offset: int = 64, length: int = 256) -> Path:
+    """Overwrite bytes in the middle of a file with noise (a disk or transfer error)."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    start = min(offset, max(0, len(data) - 1))
+    for i in range(start, min(len(data), start + length)):
+        data[i] = (data[i] * 131 + 17) % 256
+    path.write_bytes(bytes(data))
+    return path
+
+
+def user_error(fn, *fragments: str) -> str:
+    """Call `fn()` and require one clear user error (a ModelZooError, or `run_main`'s exit 2 / argparse's
+    exit 2) whose message contains every fragment; returns the message."""
+    from common.errors import ModelZooError
+
+    try:
+        fn()
+    except ModelZooError as exc:
+        message = str(exc)
+    except SystemExit as exc:  # argparse or run_main already printed the message
+        if exc.code in (0, None):
+            raise AssertionError("expected a user error, the entry point succeeded") from None
+        message = str(exc)
+    else:
+        raise AssertionError("expected a user error, nothing was raised")
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"message {message!r} lacks {missing}"
+    return message
