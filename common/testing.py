@@ -49,9 +49,12 @@ def garble(path: str | Path, offset: int = 64, length: int = 256) -> Path:
     return path
 
 
-def user_error(fn, *fragments: str) -> str:
-    """Call `fn()` and require one clear user error (a ModelZooError, or `run_main`'s exit 2 / argparse's
-    exit 2) whose message contains every fragment; returns the message."""
+def user_error(fn, *fragments: str, stderr=None) -> str:
+    """Call `fn()` and require one clear user error whose message contains every fragment.
+
+    A ModelZooError carries its message; for argparse's or `run_main`'s exit 2, pass
+    `stderr=lambda: capsys.readouterr().err` so the printed message is checked. Returns the message.
+    """
     from common.errors import ModelZooError
 
     try:
@@ -61,7 +64,7 @@ def user_error(fn, *fragments: str) -> str:
     except SystemExit as exc:  # argparse or run_main already printed the message
         if exc.code in (0, None):
             raise AssertionError("expected a user error, the entry point succeeded") from None
-        message = str(exc)
+        message = stderr() if stderr is not None else str(exc)
     else:
         raise AssertionError("expected a user error, nothing was raised")
     missing = [f for f in fragments if f not in message]
