@@ -91,6 +91,20 @@ class DistContext:
         ids = None if device.kind == "cpu" else [device.index]
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
 
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+        DDP runs with broadcast_buffers=False (one broadcast per forward is wasted work in training), so
+        each rank's running statistics follow its own shard, while the checkpoint holds rank 0's. Before
+        an evaluation every rank takes rank 0's, so N ranks score exactly the weights that are saved.
+        """
+        if not self.initialized:
+            return
+        from common.checkpoint import unwrap_model
+
+        for buffer in unwrap_model(model).buffers():
+            dist.broadcast(buffer.data, src=0)
+
     def shutdown(self) -> None:
         if self.initialized:
             dist.destroy_process_group()

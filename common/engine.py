@@ -266,6 +266,7 @@ def evaluate(
     channels_last = bool(getattr(runtime.args, "channels_last", False))
     device = runtime.device.device
     was_training = model.training
+    runtime.dist.broadcast_buffers(model)
     model.eval()
     metrics.reset()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

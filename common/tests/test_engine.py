@@ -89,10 +89,16 @@ def test_two_rank_sharded_validation_equals_one_process(tmp_path):
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
 
 
-def test_two_rank_training_runs_and_writes_one_summary(tmp_path):
-    run_toy("--epochs=1", f"--save={tmp_path / 'run'}", ranks=2)
+def test_two_rank_training_validates_the_weights_it_saves(tmp_path):
+    # Each rank's BatchNorm statistics follow its own shard; validation must use rank 0's, which are saved.
+    run_toy("--epochs=1", f"--save={tmp_path / 'run'}", f"--metrics_out={tmp_path / 'train.json'}", ranks=2)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["rank_size"] == 2
+    run_toy(f"--evaluate={tmp_path / 'run' / 'checkpoint.pth.tar'}", f"--metrics_out={tmp_path / 'one.json'}")
+    during = json.loads((tmp_path / "train.json").read_text())
+    after = json.loads((tmp_path / "one.json").read_text())
+    for key in ("dice_mean", "jaccard_mean", "acc_mean"):
+        assert during[key] == pytest.approx(after[key], rel=1e-9, abs=1e-12), key
 
 
 def test_persistent_nan_stops_with_the_last_good_checkpoint(tmp_path):

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         if epoch == args.crash_after_epoch:
             raise SystemExit(17)
     run.finish(run.history[-1]["dice_mean"] if run.history else None)
+    if runtime.is_main and args.metrics_out:
+        Path(args.metrics_out).write_text(json.dumps(run.history[-1]))
     runtime.dist.shutdown()
     return 0
 

@@ -1,0 +1,15 @@
+"""Export a trained checkpoint to ONNX (opset 11, actual_input_1 / output1, dynamic batch) and check it
+with onnxruntime: the ModelZoo's pthtar2onx.py (code in common/isic/export.py).
+
+    python pthtar2onx.py [--pth_path models/<model_type>/model_best.pth.tar] [--output <model_type>.onnx]
+"""
+
+from __future__ import annotations
+
+import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
+from main import DEFAULTS
+
+from common.isic.export import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(defaults=DEFAULTS))

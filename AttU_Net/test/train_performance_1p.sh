@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# AttU_Net: 1 device, global batch 16, 5 epochs (throughput).
+# Usage: bash test/train_performance_1p.sh [--data_path=DIR] [--batch_size=N] [--epochs=N] [any main.py flag]
+# Without --data_path the isic2018 demo dataset is written and used. The flags and the launch are
+# common/scripts/modelzoo.sh's; main.py prepares --data_path (official folders or zips) when needed.
+# A throughput run keeps its checkpoints in test/output/<id>/ so it never replaces a full run's ./models.
+Network="AttU_Net"
+export RANK_SIZE=1
+batch_size=16
+epochs=5
+learning_rate=0.0002
+mode=perf
+demo_dataset=isic2018
+train_command() {
+    CMD=(main.py --mode=train --data_path="$data_path" --batch_size="$batch_size" --num_epochs="$epochs"
+        --lr="$learning_rate" --model_path="$MODELZOO_OUTPUT_DIR/models" --result_path="$MODELZOO_OUTPUT_DIR/result")
+    [ -z "$workers" ] || CMD+=(--num_workers="$workers")
+    [ -z "$pth_path" ] || CMD+=(--pth_path="$pth_path")
+}
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../../common/scripts/modelzoo.sh"
+modelzoo_main "$@"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# R2U_Net: 8 devices (RANK_SIZE may be lowered), global batch 128, 5 epochs (throughput).
+# Usage: bash test/train_performance_8p.sh [--data_path=DIR] [--batch_size=N] [--epochs=N] [any main.py flag]
+# Without --data_path the isic2018 demo dataset is written and used. The flags and the launch are
+# common/scripts/modelzoo.sh's; main.py prepares --data_path (official folders or zips) when needed.
+# A throughput run keeps its checkpoints in test/output/<id>/ so it never replaces a full run's ./models.
+Network="R2U_Net"
+export RANK_SIZE=${RANK_SIZE:-8}
+batch_size=128
+epochs=5
+learning_rate=0.0008
+mode=perf
+demo_dataset=isic2018
+train_command() {
+    CMD=(main.py --mode=train --data_path="$data_path" --batch_size="$batch_size" --num_epochs="$epochs"
+        --lr="$learning_rate" --model_path="$MODELZOO_OUTPUT_DIR/models" --result_path="$MODELZOO_OUTPUT_DIR/result")
+    [ -z "$workers" ] || CMD+=(--num_workers="$workers")
+    [ -z "$pth_path" ] || CMD+=(--pth_path="$pth_path")
+}
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../../common/scripts/modelzoo.sh"
+modelzoo_main "$@"

@@ -1,0 +1,454 @@
+"""ISIC 2018 Task 1 as distributed (two folders or two zips) -> the reference's split layout.
+
+Layout written (the one LeeJunHyun/Image_Segmentation's dataset.py writes and the ModelZoo ports expect):
+
+    <out>/train/ISIC_0000000.jpg   <out>/train_GT/ISIC_0000000_segmentation.png
+    <out>/valid/...                <out>/valid_GT/...
+    <out>/test/...                 <out>/test_GT/...
+    <out>/split.json               seed, ratios, counts and the ids of every split (written last)
+
+The reference shuffles with an unseeded `random.shuffle`, so no two machines get the same split. Here the
+sorted ids are permuted by numpy's generator seeded with `seed` and cut by int truncation as the
+reference cuts them: 70/10/20 of the 2594 official images is 1815 / 259 / 520. `split.json` can be
+handed back (`--split_file`) to reproduce a split exactly from another copy of the data.
+
+`resolve_data_path` is what training calls: a prepared layout is used as it is; the dataset as
+distributed is prepared once (symlinks, or members extracted from the zips) into a cache folder beside
+it, under a file lock so that N ranks do not race, and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from common.cache import default_cache_dir
+from common.datacheck import check_pairs, pair_by_stem
+from common.errors import ConfigError, DataError
+from common.filelock import file_lock
+
+IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
+GT_DIR = "ISIC2018_Task1_Training_GroundTruth"
+GT_SUFFIX = "_segmentation"
+SPLITS = ("train", "valid", "test")
+SPLIT_FILE = "split.json"
+DEFAULT_RATIOS = (0.7, 0.1, 0.2)
+DEFAULT_SPLIT_SEED = 2018
+FILE_OPS = ("copy", "hardlink", "symlink")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLIT_FORMAT = 1
+
+EXPECTED_TREE = f"""\
+  either ISIC 2018 Task 1 as distributed (two folders, or the two zips unopened):
+    <data_path>/{IMAGE_DIR}/ISIC_0000000.jpg ...
+    <data_path>/{GT_DIR}/ISIC_0000000{GT_SUFFIX}.png ...
+    (or <data_path>/{IMAGE_DIR}.zip and <data_path>/{GT_DIR}.zip)
+  or the split layout written by dataset.py:
+    <data_path>/train/ train_GT/ valid/ valid_GT/ test/ test_GT/
+"""
+
+
+def mask_id(path: str | Path) -> str:
+    """The image id a ground-truth file belongs to: ISIC_0000000_segmentation.png -> ISIC_0000000."""
+    stem = Path(path).stem
+    return stem[: -len(GT_SUFFIX)] if stem.endswith(GT_SUFFIX) else stem
+
+
+def _is_image_name(name: str) -> bool:
+    return (
+        not name.startswith(".")
+        and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        and not Path(name).stem.endswith(GT_SUFFIX)
+    )
+
+
+def _is_mask_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(f"{GT_SUFFIX}.png")
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """The dataset as distributed: an image side and a ground-truth side, each a folder or a zip."""
+
+    root: Path
+    images: Path
+    masks: Path
+
+    def describe(self) -> str:
+        return f"{self.images} + {self.masks}"
+
+
+def _is_zip(path: Path) -> bool:
+    return path.suffix.lower() == ".zip" and path.is_file()
+
+
+def _has_files(folder: Path) -> bool:
+    return any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _side(root: Path, name: str) -> Path | None:
+    folder = root / name
+    if folder.is_dir():
+        inner = folder / name
+        # A zip unpacked into a folder of its own name nests the folder once more.
+        if inner.is_dir() and not _has_files(folder):
+            return inner
+        return folder
+    archive = root / f"{name}.zip"
+    return archive if archive.is_file() else None
+
+
+def find_source(path: str | Path) -> Source | None:
+    """The official folders/zips at `path` (the folder holding them, or the image folder itself)."""
+    path = Path(path)
+    if path.is_dir() and path.name == IMAGE_DIR:
+        masks = _side(path.parent, GT_DIR)
+        return Source(path.parent, path, masks) if masks is not None else None
+    if not path.is_dir():
+        return None
+    images, masks = _side(path, IMAGE_DIR), _side(path, GT_DIR)
+    if images is None or masks is None:
+        return None
+    return Source(path, images, masks)
+
+
+def _list_side(side: Path, wanted: Callable[[str], bool]) -> list[Path]:
+    """Files of a folder (sorted), or members of a zip as `<zip>/<member>` paths."""
+    if _is_zip(side):
+        try:
+            with zipfile.ZipFile(side) as archive:
+                names = [
+                    n
+                    for n in archive.namelist()
+                    if not n.endswith("/") and "__MACOSX" not in n and wanted(Path(n).name)
+                ]
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(side, f"cannot be read as a zip archive ({exc})") from exc
+        return sorted(side / n for n in names)
+    return sorted(p for p in side.iterdir() if p.is_file() and wanted(p.name))
+
+
+def source_pairs(source: Source) -> list[tuple[str, Path, Path]]:
+    """Every (id, image, mask) of the source; one DataError lists images without masks and vice versa."""
+    images = _list_side(source.images, _is_image_name)
+    masks = _list_side(source.masks, _is_mask_name)
+    if not images:
+        raise DataError(source.images, f"holds no ISIC images (*.jpg).\nExpected layout:\n{EXPECTED_TREE}")
+    return pair_by_stem(images, masks, mask_id=mask_id)
+
+
+def is_prepared(path: str | Path) -> bool:
+    """True when `path` holds the six split folders (train/ train_GT/ valid/ valid_GT/ test/ test_GT/)."""
+    path = Path(path)
+    return all((path / f"{split}{gt}").is_dir() for split in SPLITS for gt in ("", "_GT"))
+
+
+# ----------------------------------------------------------------------------------------------- split
+
+
+def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
+    if len(ratios) != 3 or any(not np.isfinite(r) or r < 0 for r in ratios) or ratios[0] <= 0:
+        raise ConfigError(
+            f"split ratios must be three numbers >= 0 (train, valid, test) with train > 0, got {list(ratios)}"
+        )
+    return float(ratios[0]), float(ratios[1]), float(ratios[2])
+
+
+def split_counts(n: int, ratios: Sequence[float] = DEFAULT_RATIOS) -> tuple[int, int, int]:
+    """(train, valid, test) counts: int(r / sum(r) * n) for train and valid, the rest for test."""
+    ratios = _check_ratios(ratios)
+    total = sum(ratios)
+    # The epsilon keeps 0.7 * 2594 = 1815.8 from becoming 1815.79999 -> still 1815; it only guards exact ties.
+    train = int(ratios[0] / total * n + 1e-9)
+    valid = int(ratios[1] / total * n + 1e-9)
+    return train, valid, n - train - valid
+
+
+def split_ids(
+    ids: Sequence[str], ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = DEFAULT_SPLIT_SEED
+) -> dict[str, list[str]]:
+    """A seeded split of `ids` into train/valid/test; the result does not depend on the input order."""
+    ordered = sorted(set(ids))
+    if len(ordered) != len(ids):
+        raise ConfigError("split_ids: the ids are not unique")
+    train, valid, _ = split_counts(len(ordered), ratios)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    shuffled = [ordered[i] for i in order]
+    return {
+        "train": sorted(shuffled[:train]),
+        "valid": sorted(shuffled[train : train + valid]),
+        "test": sorted(shuffled[train + valid :]),
+    }
+
+
+def read_split_file(path: str | Path) -> dict:
+    """A split.json written by `prepare` (its 'splits' hold the ids of train, valid and test)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(path, "split file not found") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"is not a readable split file ({exc})") from exc
+    splits = data.get("splits") if isinstance(data, dict) else None
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(s), list) for s in SPLITS):
+        raise DataError(path, "split file has no 'splits' with train, valid and test id lists")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class _Header:
+    """Shape from the file header only: enough for check_pairs to compare image and mask sizes."""
+
+    shape: tuple[int, ...]
+
+
+def _header(path: Path, what: str) -> _Header:
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            channels = len(im.getbands())
+    except FileNotFoundError as exc:
+        raise DataError(path, "file not found (a dangling link? prepare the data again)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot be read as an {what} ({exc})") from exc
+    return _Header((height, width, channels) if what == "image" else (height, width))
+
+
+def check_layout_pairs(pairs: Sequence[tuple[str, Path, Path]]) -> None:
+    """Every image and mask opens and each mask has its image's size; one DataError lists all problems.
+
+    Only headers are read (thousands per second); a file truncated after its header is reported by name
+    when the decoded cache is built, still before the first training step.
+    """
+    check_pairs(pairs, lambda p: _header(p, "image"), lambda p: _header(p, "mask"))
+
+
+def layout_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
+    """(id, image, mask) of one split of a prepared layout, paired by id."""
+    root = Path(root)
+    images = _list_side(root / split, _is_image_name)
+    masks = _list_side(root / f"{split}_GT", _is_mask_name)
+    if not images:
+        raise DataError(
+            root / split, f"the {split} split holds no images.\nExpected layout:\n{EXPECTED_TREE}"
+        )
+    return pair_by_stem(images, masks, mask_id=mask_id)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _place(src: Path, dest: Path, file_op: str, archives: dict[Path, zipfile.ZipFile]) -> None:
+    for archive_path, archive in archives.items():
+        if archive_path in src.parents:
+            with archive.open(src.relative_to(archive_path).as_posix()) as fin, open(dest, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            return
+    if file_op == "symlink":
+        os.symlink(os.path.abspath(src), dest)
+        return
+    if file_op == "hardlink":
+        try:
+            os.link(src, dest)
+            return
+        except OSError:
+            pass  # another filesystem, or links not allowed: copy instead
+    shutil.copyfile(src, dest)
+
+
+def prepare(
+    source: Source,
+    out: str | Path,
+    *,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    seed: int = DEFAULT_SPLIT_SEED,
+    file_op: str = "copy",
+    split_file: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Write the split layout of `source` into `out`; returns the split record (what split.json holds).
+
+    The six split folders are built in a temporary folder inside `out` and then moved into place
+    (replacing earlier ones, as the reference does); split.json is written last, so an interrupted
+    run leaves no split.json and the next one starts over. `file_op` says how files of a source folder
+    get there (zip members are always extracted).
+    """
+    if file_op not in FILE_OPS:
+        raise ConfigError(f"--file_op must be one of {', '.join(FILE_OPS)}, got {file_op!r}")
+    out = Path(out)
+    pairs = source_pairs(source)
+    by_id = {key: (image, mask) for key, image, mask in pairs}
+    if split_file:
+        record = read_split_file(split_file)
+        splits = {s: list(record["splits"][s]) for s in SPLITS}
+        missing = sorted(i for s in SPLITS for i in splits[s] if i not in by_id)
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise DataError(
+                split_file, f"{len(missing)} id(s) of the split file are not in {source.describe()}: {shown}"
+            )
+        ratios = tuple(record.get("ratios", ratios))
+        seed = record.get("seed", seed)
+    else:
+        splits = split_ids(list(by_id), ratios, seed)
+    for split in ("train", "valid"):
+        if not splits[split]:
+            raise ConfigError(
+                f"the {split} split would be empty ({len(by_id)} images, ratios {list(ratios)}); "
+                "use more images or larger ratios"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".prepare-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    archives = {side: zipfile.ZipFile(side) for side in (source.images, source.masks) if _is_zip(side)}
+    try:
+        (out / SPLIT_FILE).unlink(missing_ok=True)
+        for split in SPLITS:
+            (tmp / split).mkdir(parents=True)
+            (tmp / f"{split}_GT").mkdir()
+            for key in splits[split]:
+                image, mask = by_id[key]
+                _place(image, tmp / split / image.name, file_op, archives)
+                _place(mask, tmp / f"{split}_GT" / mask.name, file_op, archives)
+        for split in SPLITS:
+            check_layout_pairs(layout_pairs(tmp, split))
+        for name in (f"{s}{gt}" for s in SPLITS for gt in ("", "_GT")):
+            shutil.rmtree(out / name, ignore_errors=True)
+            os.replace(tmp / name, out / name)
+    finally:
+        for archive in archives.values():
+            archive.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    record = {
+        "format": SPLIT_FORMAT,
+        "source": source.describe(),
+        "seed": seed,
+        "ratios": list(ratios),
+        "counts": {s: len(splits[s]) for s in SPLITS},
+        "splits": splits,
+    }
+    tmp_file = out / f".{SPLIT_FILE}.tmp-{os.getpid()}"
+    tmp_file.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp_file, out / SPLIT_FILE)
+    for split in SPLITS:
+        log(f"image count in {split} path :{len(splits[split])}")
+    return record
+
+
+def _matches(out: Path, ids: set[str], seed: int, ratios: Sequence[float]) -> bool:
+    try:
+        record = read_split_file(out / SPLIT_FILE)
+    except DataError:
+        return False
+    stored = {i for s in SPLITS for i in record["splits"][s]}
+    same_ratios = [float(r) for r in record.get("ratios", [])] == [float(r) for r in ratios]
+    return record.get("seed") == seed and same_ratios and stored == ids and is_prepared(out)
+
+
+def prepared_dir_for(source: Source, seed: int, ratios: Sequence[float]) -> Path:
+    """Where training keeps its prepared copy of `source` (beside it when writable, else a user cache)."""
+    tag = "-".join(f"{r:g}" for r in ratios)
+    return default_cache_dir(source.root) / f"isic2018_split_seed{seed}_{tag}"
+
+
+def resolve_data_path(
+    data_path: str | Path,
+    *,
+    seed: int = DEFAULT_SPLIT_SEED,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The prepared layout for `--data_path`: itself when prepared, else a prepared copy made once.
+
+    Accepts the folder holding the two official folders or zips, the image folder itself, or a layout
+    written by dataset.py. Safe to call from every rank at once.
+    """
+    path = Path(data_path).expanduser()
+    if not path.exists():
+        raise DataError(path, f"--data_path does not exist.\nExpected layout:\n{EXPECTED_TREE}")
+    if is_prepared(path):
+        return path
+    source = find_source(path)
+    if source is None:
+        raise DataError(
+            path,
+            f"is neither ISIC 2018 Task 1 as distributed nor a prepared split layout.\nExpected layout:\n"
+            f"{EXPECTED_TREE}",
+        )
+    out = prepared_dir_for(source, seed, ratios)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        ids = {key for key, _, _ in source_pairs(source)}
+        if _matches(out, ids, seed, ratios):
+            log(f"Using the prepared split in {out} (seed {seed}, ratios {list(ratios)})")
+            return out
+        log(f"Preparing {source.describe()} -> {out} (seed {seed}, ratios {list(ratios)})")
+        prepare(source, out, ratios=ratios, seed=seed, file_op="symlink", log=log)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Split ISIC 2018 Task 1 (the official folders or zips) into train/ valid/ test/ + _GT "
+        "with a seeded split and a split list file (split.json).",
+    )
+    parser.add_argument("--data_path", default=None, help="folder holding the two official folders or zips")
+    parser.add_argument("--origin_data_path", default=None, help=f"the {IMAGE_DIR} folder or zip")
+    parser.add_argument("--origin_GT_path", default=None, help=f"the {GT_DIR} folder or zip")
+    parser.add_argument("--output_path", default="./dataset", help="where train/ valid/ test/ are written")
+    parser.add_argument("--train_ratio", type=float, default=DEFAULT_RATIOS[0])
+    parser.add_argument("--valid_ratio", type=float, default=DEFAULT_RATIOS[1])
+    parser.add_argument("--test_ratio", type=float, default=DEFAULT_RATIOS[2])
+    parser.add_argument("--seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the split")
+    parser.add_argument("--split_file", default=None, help="reuse the split of this split.json")
+    parser.add_argument(
+        "--file_op", default="copy", choices=FILE_OPS, help="how files get into the layout (zips: extracted)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.origin_data_path:
+        images = Path(args.origin_data_path)
+        masks = Path(args.origin_GT_path) if args.origin_GT_path else _side(images.parent, GT_DIR)
+        if masks is None or not masks.exists():
+            raise DataError(
+                masks or images.parent / GT_DIR, "ground-truth folder or zip not found (--origin_GT_path)"
+            )
+        if not images.exists():
+            raise DataError(images, "image folder or zip not found (--origin_data_path)")
+        source = Source(images.parent, images, masks)
+    else:
+        root = Path(args.data_path or ".")
+        source = find_source(root)
+        if source is None:
+            raise DataError(root, f"ISIC 2018 Task 1 not found.\nExpected layout:\n{EXPECTED_TREE}")
+    ratios = (args.train_ratio, args.valid_ratio, args.test_ratio)
+    out = Path(args.output_path)
+    print(f"Source: {source.describe()}\nOutput: {out.resolve()}")
+    prepare(source, out, ratios=ratios, seed=args.seed, file_op=args.file_op, split_file=args.split_file)
+    print(f"Split list: {out / SPLIT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
