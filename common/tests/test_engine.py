@@ -124,3 +124,24 @@ def test_sparse_nan_steps_are_skipped_and_counted(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_steps"] == 6  # steps 7..12 of a 12-step run
+
+
+def test_many_short_epochs_on_two_ranks_do_not_grow_host_memory(tmp_path):
+    """Endurance: logging, caches, history and workers must not leak (issue 8)."""
+    rss = tmp_path / "rss"
+    run_toy(
+        "--epochs=40",
+        "--workers=1",
+        "--log_interval=1",
+        f"--save={tmp_path / 'run'}",
+        f"--rss_log={rss}",
+        ranks=2,
+    )
+    for rank in (0, 1):
+        values = [int(v) for v in Path(f"{rss}.{rank}").read_text().split()]
+        assert len(values) == 40
+        growth_mb = (max(values[10:]) - values[10]) / 1024
+        print(
+            f"rank {rank}: RSS after epoch 10 {values[10] / 1024:.1f} MB, growth to epoch 40 {growth_mb:.2f} MB"
+        )
+        assert growth_mb < 16, f"rank {rank} grew {growth_mb:.1f} MB over 30 epochs: {values}"

@@ -57,6 +57,11 @@ class ToyNet(nn.Module):
         return self.body(x)
 
 
+def _rss_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data_path", default="")
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", default="", help="evaluate these weights and write metrics JSON")
     parser.add_argument("--metrics_out", default="")
     parser.add_argument("--crash_after_epoch", type=int, default=-1, help="exit(17) after this epoch (tests)")
+    parser.add_argument("--rss_log", default="", help="append this rank's resident memory (kB) per epoch")
     parser.add_argument(
         "--die_rank", type=int, default=-1, help="this rank exits(3) at the first epoch (tests)"
     )
@@ -127,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         run.end_epoch(epoch, stats, val)
         runtime.print(f"[Validation] Dice: {val['dice_mean']:.4f}")
+        if args.rss_log:
+            with open(f"{args.rss_log}.{runtime.dist.rank}", "a") as handle:
+                handle.write(f"{_rss_kb()}\n")
         if epoch == args.crash_after_epoch:
             raise SystemExit(17)
     run.finish(run.history[-1]["dice_mean"] if run.history else None)
