@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 
+from common.cli import run_main
 from common.isic.prepare import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 
+from common.cli import run_main
 from common.isic.solver import main
 
 DEFAULTS = {"model_type": "R2AttU_Net", "t": 3}
 
 if __name__ == "__main__":
-    raise SystemExit(main(defaults=DEFAULTS))
+    run_main(lambda: main(defaults=DEFAULTS))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 from main import DEFAULTS
 
+from common.cli import run_main
 from common.isic.predict import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(defaults=DEFAULTS))
+    run_main(lambda: main(defaults=DEFAULTS))

@@ -15,7 +15,6 @@ Image size, padding, classes and fold default to the values the checkpoint was t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,8 @@ from src.unet import UNetMedical, check_input_size, output_size
 from src.utils import CELL, MEMBRANE, UnetMetrics
 
 from common.checkpoint import load_checkpoint, load_weights
-from common.cli import add_common_args, positive_int, setup_runtime
-from common.errors import ConfigError, ModelZooError
+from common.cli import add_common_args, positive_int, run_main, setup_runtime
+from common.errors import ConfigError
 from common.imageio import write_tiff_stack
 from common.plots import save_overlays
 from common.summary import RunSummary, SummaryTarget, write_summary
@@ -117,13 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     runtime = setup_runtime(args)
     if runtime.dist.world_size > 1:
         raise ConfigError("eval.py runs on one device; start it without torchrun")
+    # Every input is read and checked before the model is built or anything is written.
+    data = load_train_data(args.data_url)
+    for note in data.label_notes:
+        print(f"warning: {note}", flush=True)
+    test_volume = Path(args.test_volume) if args.test_volume else find_test_volume(args.data_url)
+    test_pages = load_test_pages(test_volume) if args.predict_test and test_volume is not None else None
     state = load_checkpoint(args.ckpt_path)
     cfg = settings(args, state)
     image_size, out_size, fold = cfg["image_size"], output_size(cfg["image_size"]), cfg["cross_valid_ind"]
     model = UNetMedical(n_channels=1, n_classes=cfg["num_classes"])
-    load_weights(model, state)
+    load_weights(model, state, name=str(args.ckpt_path))
+    state = None
     model.to(runtime.device.device).eval()
-    data = load_train_data(args.data_url)
     _, val_set = create_dataset(data, fold, image_size, cfg["num_classes"], pad_mode=cfg["pad_mode"])
     print(
         f"Evaluating {args.ckpt_path} on fold {fold} (pages {val_set.pages}) of {data.source}: input "
@@ -170,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": result,
         "per_slice": per_slice,
         "label_convention": {"0": "membrane", "1": "cell interior (label value 255)"},
+        "label_notes": data.label_notes,
     }
-    test_volume = Path(args.test_volume) if args.test_volume else find_test_volume(args.data_url)
-    if args.predict_test and test_volume is not None:
-        pages, names = load_test_pages(test_volume)
+    if test_pages is not None:
+        pages, names = test_pages
         labels = predict_pages(model, pages, image_size, cfg["pad_mode"], runtime)
         written = out_dir / "test-labels-pred.tif"
         write_tiff_stack(written, np.where(labels == CELL, 255, 0).astype(np.uint8))
@@ -193,8 +198,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except ModelZooError as error:
-        print(f"[Error] {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_main(main)

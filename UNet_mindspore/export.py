@@ -10,7 +10,6 @@ default). MindSpore's AIR and MINDIR formats have no PyTorch counterpart.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
@@ -19,7 +18,8 @@ from src.config import cfg_unet
 from src.unet import UNetMedical, check_input_size, output_size
 
 from common.checkpoint import load_checkpoint, load_weights
-from common.errors import ConfigError, ModelZooError
+from common.cli import run_main
+from common.errors import ConfigError
 from common.export import export_onnx, verify_onnx
 
 
@@ -40,22 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_size(size: int) -> None:
+    try:
+        check_input_size(size, size)
+    except ValueError as exc:
+        raise ConfigError(f"--image_size: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.file_format != "ONNX":
         raise ConfigError(f"--file_format {args.file_format}: only ONNX can be written from PyTorch")
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.image_size is not None:
+        check_size(args.image_size)
     state = load_checkpoint(args.ckpt_file)
     saved = state.get("config", {}) if isinstance(state, dict) else {}
     saved = saved if isinstance(saved, dict) else {}
     size = args.image_size or int(saved.get("image_size", cfg_unet["image_size"]))
-    try:
-        check_input_size(size, size)
-    except ValueError as exc:
-        raise ConfigError(f"--image_size: {exc}") from None
+    check_size(size)
     model = UNetMedical(n_channels=1, n_classes=int(saved.get("num_classes", cfg_unet["num_classes"])))
-    load_weights(model, state)
+    load_weights(model, state, name=str(args.ckpt_file))
     model.eval()
     example = torch.randn(args.batch_size, 1, size, size, generator=torch.Generator().manual_seed(0))
     path = export_onnx(model, example, Path(f"{args.file_name}.onnx"))
@@ -68,8 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except ModelZooError as error:
-        print(f"[Error] {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_main(main)

@@ -23,7 +23,8 @@ from pathlib import Path
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 from src.rank_table import RankTable, read_rank_table
 
-from common.errors import ConfigError, ModelZooError
+from common.cli import run_main
+from common.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 ENTRY = "--rank_entry"
@@ -54,6 +55,20 @@ def accelerator_count() -> int:
     from common.device import device_count
 
     return device_count("npu") or device_count("cuda")
+
+
+def rank_size_env() -> int | None:
+    """RANK_SIZE from the environment (the ModelZoo's number of ranks), or None when unset."""
+    text = os.environ.get("RANK_SIZE", "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"RANK_SIZE must be a positive integer, got {text!r}")
+    return value
 
 
 def local_ips() -> set[str]:
@@ -98,19 +113,38 @@ def launch(argv: list[str]) -> int:
     args, train_args = build_parser().parse_known_args(argv)
     if train_args[:1] == ["--"]:
         train_args = train_args[1:]
+    rank_size = rank_size_env()
+    available = accelerator_count()
     if args.rank_table_file:
         table = read_rank_table(args.rank_table_file)
+        for what, asked in (("--nproc", args.nproc), ("RANK_SIZE", rank_size)):
+            if asked is not None and asked != table.world_size:
+                raise ConfigError(
+                    f"{what}={asked} asks for {asked} rank(s) but the rank table {table.path} lists "
+                    f"{table.world_size} device(s); fix the table or {what} (the table decides when it is given)"
+                )
         node = this_server(table, args.server_id)
         devices, nnodes, master, world = table.servers[node].device_ids, len(table.servers), table.master_addr, table.world_size  # fmt: skip
         source = f"rank table {table.path}: {world} rank(s) on {nnodes} server(s)"
+        if available and max(devices) >= available:
+            raise ConfigError(
+                f"the rank table {table.path} puts ranks on devices {devices} of this server, but only "
+                f"{available} NPU/GPU(s) (0..{available - 1}) are visible here; fix the table"
+            )
     else:
-        nproc = args.nproc or int(os.environ.get("RANK_SIZE", "0")) or accelerator_count() or 2
+        nproc = args.nproc if args.nproc is not None else rank_size or available or 2
         if nproc < 1:
             raise ConfigError(f"--nproc must be a positive integer, got {nproc}")
+        if available and nproc > available:
+            raise ConfigError(
+                f"{nproc} ranks asked for on a machine with {available} NPU/GPU(s); "
+                f"pass --nproc={available} (or RANK_SIZE={available})"
+            )
         devices, nnodes, node, master, world = list(range(nproc)), 1, 0, "127.0.0.1", nproc
         source = f"no rank table: {nproc} local rank(s)"
     env = dict(os.environ)
-    if accelerator_count() == 0:
+    if available == 0:
+        print(f"No NPU/GPU found: the {len(devices)} rank(s) run on the CPU (gloo)", flush=True)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     print(f"Distributed training, {source}; devices {devices} here", flush=True)
@@ -170,8 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except ModelZooError as error:
-        print(f"[Error] {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_main(main)

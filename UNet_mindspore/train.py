@@ -16,7 +16,6 @@ import gc
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -37,10 +36,11 @@ from common.cli import (
     positive_float,
     positive_int,
     print_config,
+    run_main,
     setup_runtime,
 )
 from common.engine import Throughput, TrainingRun, evaluate, train_one_epoch
-from common.errors import CheckpointError, ConfigError, ModelZooError
+from common.errors import CheckpointError, ConfigError
 from common.loader import build_loader, seed_everything
 
 NETWORK = "UNet_mindspore"
@@ -191,16 +191,40 @@ def find_resume_checkpoint(args: argparse.Namespace, save_dir: Path) -> Path | N
     raise CheckpointError(f"--resume: no checkpoint in {shown}; pass --resume_ckpt=FILE")
 
 
-def resume(run: TrainingRun, path: Path | None, model: torch.nn.Module, runtime) -> int:
-    """Exact resume from a training state of this code; initial weights from any other checkpoint."""
+def fit_resume_state(state: object, path: Path | None, model: torch.nn.Module) -> bool:
+    """Fit the weights of the checkpoint to resume from into `model`, before anything is written.
+
+    A checkpoint of another network or shape raises CheckpointError naming the file and the mismatched
+    keys (a missing, corrupted or unsafe file was refused by load_checkpoint already, before the model was
+    built). Returns whether it holds a full training state of this code.
+    """
+    if path is None:
+        return False
+    load_weights(model, state, name=str(path))
+    return isinstance(state, dict) and "optimizer" in state and "epoch" in state
+
+
+def resume(run: TrainingRun, path: Path | None, state: object, training_state: bool, runtime) -> int:
+    """Exact resume from a training state of this code; a weights-only file was loaded as initial weights."""
     if path is None:
         return 0
-    state = load_checkpoint(path)
-    if isinstance(state, dict) and "optimizer" in state and "epoch" in state:
-        return run.resume(path)
-    load_weights(model, state)
+    if training_state:
+        return run.resume(path, state)
     runtime.print(f"Loaded weights from {path}: no training state in it, so training starts at epoch 1")
     return 0
+
+
+STALE_PATTERNS = (f".{LATEST}.*.tmp", ".model_best.pth.tar.*.tmp", ".ckpt_unet_medical_adam-*.pth.tmp")
+
+
+def remove_stale_temporaries(save_dir: Path, runtime) -> None:
+    """Temporary checkpoint files of a run killed while writing (each as large as a checkpoint)."""
+    if not runtime.is_main or not save_dir.is_dir():
+        return
+    for pattern in STALE_PATTERNS:
+        for stale in save_dir.glob(pattern):
+            stale.unlink(missing_ok=True)
+            runtime.print(f"removed {stale}: a checkpoint write that was interrupted")
 
 
 class TimeBudget:
@@ -264,6 +288,9 @@ def train_fold(
     """Train one fold; returns its run record and its final validation metrics (with the fold index)."""
     world = runtime.dist.world_size
     distributed = world > 1
+    # The checkpoint to resume from is read first: a missing, corrupted or unsafe file stops the run here.
+    resume_path = find_resume_checkpoint(args, save_dir)
+    resume_state = load_checkpoint(resume_path) if resume_path is not None else None
     n_passes = passes(args, distributed)
     repeat = min(args.repeat or n_passes, n_passes)
     train_set, val_set = create_dataset(
@@ -285,6 +312,8 @@ def train_fold(
     if args.compile:
         model = torch.compile(model)
     loss_fn = CrossEntropyWithLogits()
+    training_state = fit_resume_state(resume_state, resume_path, model)
+    remove_stale_temporaries(save_dir, runtime)
     fold_config = {**config, "fold": fold, "train_pages": train_set.pages, "val_pages": val_set.pages,
                    "passes": n_passes, "repeat_effective": repeat, "steps_per_epoch": plan}  # fmt: skip
     print_config(runtime, fold_config, save_dir / "config.json")
@@ -292,7 +321,8 @@ def train_fold(
                       selection_key="dice_coeff", network=NETWORK, batch_size=args.batchsize * world,
                       latest_name=LATEST)  # fmt: skip
     run.throughput = throughput
-    start = resume(run, find_resume_checkpoint(args, save_dir), model, runtime)
+    start = resume(run, resume_path, resume_state, training_state, runtime)
+    resume_state = None  # the optimizer holds its own copy now
     monitor = StepLossTimeMonitor(args.batchsize, world, runtime.print)
     runtime.print(
         f"fold {fold}: training pages {train_set.pages}, validation pages {val_set.pages}; "
@@ -383,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         f"ISBI 2012 data: {len(data)} pages of {data.images.shape[1]}x{data.images.shape[2]} from {data.source} "
         f"({data.layout}); input {args.image_size} -> output {output_size(args.image_size)}, pad {args.pad_mode}"
     )
-    config = describe_config(runtime, extra={"cfg_unet": cfg_unet, "network": NETWORK})
+    for note in data.label_notes:
+        runtime.print(f"warning: {note}")
+    config = describe_config(
+        runtime, extra={"cfg_unet": cfg_unet, "network": NETWORK, "label_notes": data.label_notes}
+    )
     folds = list(range(FOLDS)) if args.cross_valid_ind == "all" else [args.cross_valid_ind]
     throughput = Throughput(args.warmup_steps)
     results, run = [], None
@@ -398,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "HardDiceMembrane": f"{last['hard_dice_membrane']:.4f}",
         "CrossValidFold": str(args.cross_valid_ind),
     }
-    details: dict = {"validation": last}
+    details: dict = {"validation": last, "thresholded_label_files": len(data.label_notes)}
     accuracy = last["dice_coeff"]
     if len(results) > 1:
         cv = summarise_folds(results)
@@ -421,8 +455,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except ModelZooError as error:  # a message the user can act on, without a traceback
-        print(f"[Error] {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_main(main)

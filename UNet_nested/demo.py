@@ -12,15 +12,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 from inference import add_model_args, image_loader, load_model, validation_samples
 
-from common.errors import ModelZooError
-from common.imageio import read_mask
+from common.cli import positive_int, run_main
+from common.datacheck import check_pairs, format_problems
+from common.errors import DataError
+from common.imageio import read_image, read_mask
 from common.predict2d import list_images, predict_images
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1) (a sigmoid probability), got {text}")
+    return value
+
+
+def check_inputs(paths: list[Path], masks: dict[Path, Path]) -> None:
+    """Decode every input (and its mask) first: one DataError lists every bad file before any output
+    is written, so a damaged file never leaves a half-written output folder."""
+    if masks:
+        check_pairs([(p.stem, p, masks[p]) for p in paths], read_image, read_mask)
+        return
+    problems = []
+    for path in paths:
+        try:
+            read_image(path, "RGB")
+        except DataError as exc:
+            problems.append((exc.path or path, exc.problem))
+    if problems:
+        raise DataError(
+            None,
+            f"{len(problems)} of {len(paths)} input image(s) cannot be read:\n" + format_problems(problems),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,25 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(parser)
     parser.add_argument("--input", default=None, help="image file or folder (default: the validation split)")
     parser.add_argument("--output", default="outputs/UNet_Demo")
-    parser.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid > this")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threshold", type=probability, default=0.5, help="foreground where sigmoid > this")
+    parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png")
     args = parser.parse_args(argv)
-    try:
-        model, settings = load_model(args)
-        if args.input:
-            paths, masks = list_images(args.input), {}
-        else:
-            samples = validation_samples(settings)
-            paths, masks = [s[1] for s in samples], {s[1]: s[2] for s in samples}
-        rows = predict_images(
-            model, paths, image_loader(settings), args.output, "cpu", threshold=args.threshold,
-            batch_size=args.batch_size, save_prob=args.save_prob,
-            target_for=(lambda p: read_mask(masks[p]) if p in masks else None) if masks else None,
-        )  # fmt: skip
-    except ModelZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model, settings = load_model(args)
+    if args.input:
+        paths, masks = list_images(args.input), {}
+    else:
+        samples = validation_samples(settings)
+        paths, masks = [s[1] for s in samples], {s[1]: s[2] for s in samples}
+    check_inputs(paths, masks)
+    rows = predict_images(
+        model, paths, image_loader(settings), args.output, "cpu", threshold=args.threshold,
+        batch_size=args.batch_size, save_prob=args.save_prob,
+        target_for=(lambda p: read_mask(masks[p]) if p in masks else None) if masks else None,
+    )  # fmt: skip
     out = Path(args.output)
     (out / "predictions.json").write_text(json.dumps(rows, indent=1) + "\n")
     dice = [r["dice"] for r in rows if r.get("dice") is not None]
@@ -61,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -19,6 +19,7 @@ import torch
 from dataset import decode_image, find_samples, normalise_for_network, split_ids
 
 from common.checkpoint import load_checkpoint, load_weights
+from common.cli import positive_int
 from common.errors import ConfigError
 from common.registry import get_model_builder
 
@@ -33,9 +34,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (model_best.pth.tar / checkpoint.pth.tar) or a raw state_dict")  # fmt: skip
     parser.add_argument("--arch", default=None, help="default: from the checkpoint, else UNet")
     parser.add_argument("--deep_supervision", default=None, choices=("true", "false"))
-    parser.add_argument("--input_channels", type=int, default=None)
-    parser.add_argument("--input_w", type=int, default=None)
-    parser.add_argument("--input_h", type=int, default=None)
+    parser.add_argument("--input_channels", type=int, default=None, choices=(1, 3), help="1 grey, 3 RGB")
+    parser.add_argument("--input_w", type=positive_int, default=None)
+    parser.add_argument("--input_h", type=positive_int, default=None)
 
 
 def model_settings(checkpoint: Any, args: argparse.Namespace) -> dict:
@@ -66,7 +67,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     model = builder(
         settings["num_classes"], settings["input_channels"], deep_supervision=settings["deep_supervision"]
     )
-    load_weights(model, checkpoint if isinstance(checkpoint, dict) else args.resume)
+    load_weights(model, checkpoint, name=str(args.resume))
     return model.eval(), settings
 
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import numpy as np
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 from dataset import resize_image, resize_mask
 
+from common.cli import positive_int, run_main
 from common.datacheck import format_problems
 from common.errors import ConfigError, DataError
 from common.filelock import file_lock
@@ -146,6 +146,13 @@ def _read_manifest(output: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def prepared_skips(output: str | Path) -> list[tuple[str, str]]:
+    """(path, problem) of the source folders left out when `output` was prepared; [] without a manifest."""
+    manifest = _read_manifest(Path(output))
+    skipped = manifest.get("skipped") if manifest else None
+    return [(str(s[0]), str(s[1])) for s in skipped if len(s) == 2] if isinstance(skipped, list) else []
+
+
 def preprocess(
     stage1: str | Path,
     output: str | Path,
@@ -228,25 +235,28 @@ def main(argv: list[str] | None = None) -> int:
         "--data_path", default=f"inputs/{KAGGLE_FOLDER}", help="folder holding stage1_train (or stage1_train)"
     )
     parser.add_argument("--output", default=None, help="default: inputs/dsb2018_<input_w> (the reference's)")
-    parser.add_argument("--input_w", "--size", dest="input_w", type=int, default=96)
-    parser.add_argument("--input_h", type=int, default=None, help="default: input_w")
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(8, cores))")
+    parser.add_argument("--input_w", "--size", dest="input_w", type=positive_int, default=96)
+    parser.add_argument("--input_h", type=positive_int, default=None, help="default: input_w")
+    parser.add_argument(
+        "--workers", type=positive_int, default=None, help="decoding threads (default: min(8, cores))"
+    )
     args = parser.parse_args(argv)
     height = args.input_h or args.input_w
-    stage1 = locate_stage1(args.data_path)
-    try:
-        if stage1 is None:
-            raise DataError(args.data_path, f"no stage1_train folder found; expected:\n{STAGE1_TREE}")
-        tag = str(args.input_w) if height == args.input_w else f"{args.input_w}x{height}"
-        output = Path(args.output or f"inputs/dsb2018_{tag}")
-        report = preprocess(stage1, output, height, args.input_w, workers=args.workers)
-    except (DataError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    data_path = Path(args.data_path)
+    if not data_path.exists():
+        raise DataError(data_path, f"--data_path does not exist; expected:\n{STAGE1_TREE}")
+    if not data_path.is_dir():
+        raise DataError(data_path, f"--data_path is a file, not a folder; expected:\n{STAGE1_TREE}")
+    stage1 = locate_stage1(data_path)
+    if stage1 is None:
+        raise DataError(data_path, f"no stage1_train folder found; expected:\n{STAGE1_TREE}")
+    tag = str(args.input_w) if height == args.input_w else f"{args.input_w}x{height}"
+    output = Path(args.output or f"inputs/dsb2018_{tag}")
+    report = preprocess(stage1, output, height, args.input_w, workers=args.workers)
     if report.reused:
         print(report.describe())
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -12,14 +12,13 @@ checkpoint's training data) and compared with PyTorch; a difference beyond the t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 import torch
 from inference import add_model_args, image_loader, load_model, validation_samples
 
-from common.errors import ModelZooError
+from common.cli import non_negative_float, run_main
 from common.export import export_onnx, verify_onnx
 
 
@@ -30,28 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(parser)
     parser.add_argument("--output", default=None, help="default: <arch>.onnx beside the checkpoint")
     parser.add_argument("--image", default=None, help="real image for the onnxruntime check")
-    parser.add_argument("--rtol", type=float, default=1e-3)
-    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--rtol", type=non_negative_float, default=1e-3)
+    parser.add_argument("--atol", type=non_negative_float, default=1e-4)
     args = parser.parse_args(argv)
-    try:
-        model, settings = load_model(args)
-        image = Path(args.image) if args.image else validation_samples(settings)[0][1]
-        x, _ = image_loader(settings)(image)
-        example = x[None]
-        output = Path(args.output) if args.output else Path(args.resume).with_name(f"{settings['arch']}.onnx")
-        export_onnx(model, example, output)
-        worst = verify_onnx(output, model, example, rtol=args.rtol, atol=args.atol)
-        with torch.no_grad():
-            out = model(example)
-        out = out[-1] if isinstance(out, (list, tuple)) else out
-        fg = float((torch.sigmoid(out) > 0.5).float().mean())
-    except ModelZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model, settings = load_model(args)
+    image = Path(args.image) if args.image else validation_samples(settings)[0][1]
+    x, _ = image_loader(settings)(image)
+    example = x[None]
+    output = Path(args.output) if args.output else Path(args.resume).with_name(f"{settings['arch']}.onnx")
+    export_onnx(model, example, output)
+    worst = verify_onnx(output, model, example, rtol=args.rtol, atol=args.atol)
+    with torch.no_grad():
+        out = model(example)
+    out = out[-1] if isinstance(out, (list, tuple)) else out
+    fg = float((torch.sigmoid(out) > 0.5).float().mean())
     print(f"wrote {output} ({settings['arch']}, input {tuple(example.shape)}); onnxruntime matches PyTorch on "
           f"{image} within {worst:.2e} (foreground {fg:.1%})")  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

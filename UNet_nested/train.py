@@ -20,7 +20,6 @@ import csv
 import math
 import os
 import stat
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,10 @@ from dataset import (
     repeats_for,
     split_ids,
 )
-from preprocess_dsb2018 import STAGE1_TREE, locate_stage1, preprocess
+from preprocess_dsb2018 import STAGE1_TREE, locate_stage1, prepared_skips, preprocess
 
 from common.cache import default_cache_dir
-from common.checkpoint import load_weights
+from common.checkpoint import load_checkpoint, load_weights
 from common.cli import (
     add_common_args,
     describe_config,
@@ -49,11 +48,12 @@ from common.cli import (
     positive_float,
     positive_int,
     print_config,
+    run_main,
     setup_runtime,
 )
 from common.demo_data import MARKER as DEMO_MARKER
 from common.engine import StepInfo, TrainingRun, evaluate, train_one_epoch
-from common.errors import CheckpointError, ConfigError, DataError, ModelZooError
+from common.errors import CheckpointError, ConfigError, DataError
 from common.loader import build_loader, per_rank_batch
 from common.losses import DeepSupervisionLoss, build_loss
 from common.metrics import SegmentationMetrics
@@ -206,6 +206,10 @@ def resolve_data(args: argparse.Namespace, log=print) -> tuple[Path, str]:
     data_path = Path(args.data_path)
     if not data_path.exists():
         raise DataError(data_path, f"--data_path does not exist. Expected layout:\n{EXPECTED_TREE}")
+    if not data_path.is_dir():
+        raise DataError(data_path, f"--data_path is a file, not a folder. Expected layout:\n{EXPECTED_TREE}")
+    if not any(not entry.name.startswith(".") for entry in data_path.iterdir()):
+        raise DataError(data_path, f"--data_path is an empty folder. Expected layout:\n{EXPECTED_TREE}")
     if (data_path / "images").is_dir():
         return data_path, args.dataset or data_path.name
     # The built-in demo data gets its own name, so its runs never overwrite a real run's checkpoints.
@@ -346,6 +350,13 @@ class Data:
 def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
     """Resolve (and prepare) the data, check and cache it, split it and build both datasets."""
     root, dataset = resolve_data(args, log=runtime.print)
+    # Folders the preparation left out (no image, no masks, unreadable): counted in summary.json.
+    skipped = prepared_skips(root)
+    if skipped:
+        runtime.print(
+            f"WARNING: {len(skipped)} sample folder(s) of the download were skipped when {root} was prepared "
+            "(listed in its .prepared.json); training uses the others"
+        )
     samples = find_samples(root, args.img_ext, args.mask_ext)
     train_ids, val_ids = split_ids([s[0] for s in samples], args.val_split, args.split_seed)
     images, masks = cached_arrays(samples, args.input_h, args.input_w, args.input_channels, log=runtime.print)
@@ -367,7 +378,8 @@ def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
     )
     name = args.name or f"{dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}"
     extra = {"data_root": str(root.resolve()), "dataset": dataset, "name": name,
-             "train_images": len(train_ids), "val_images": len(val_ids), "train_repeats": repeats}  # fmt: skip
+             "train_images": len(train_ids), "val_images": len(val_ids), "train_repeats": repeats,
+             "skipped_samples": len(skipped), "skipped": [list(s) for s in skipped]}  # fmt: skip
     return Data(root, name, Path(args.models_dir) / name, train_set, val_set, extra)
 
 
@@ -385,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     started = float(os.environ.get("MODELZOO_START_TIME", time.time()))
     args = build_parser().parse_args(argv)
     check_args(args)
+    states = read_checkpoints(args)
     runtime = setup_runtime(args)
     batch = per_rank_batch(args.batch_size, runtime.dist.world_size)
     data = load_data(args, runtime, batch)
@@ -392,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     val_loader = build_loader(data.val_set, batch, runtime.dist, train=False, pin_memory=pin)
     model = build_model(args)
     if args.pretrained:
-        load_weights(model, args.pretrained)
+        load_weights(model, states["pretrained"], name=args.pretrained)
         runtime.print(f"Initial weights from {args.pretrained}")
     model = model.to(runtime.device.device)
     if args.channels_last:
@@ -400,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     base_loss = build_loss(args.loss)
     loss_fn = DeepSupervisionLoss(base_loss) if args.deep_supervision else base_loss
     if args.evaluate:
-        return run_evaluation(args, runtime, model, val_loader, loss_fn, data)
+        return run_evaluation(args, runtime, model, val_loader, loss_fn, data, states.get("resume"))
     train_loader = build_loader(
         data.train_set, batch, runtime.dist, train=True, workers=args.workers, seed=args.seed, pin_memory=pin
     )
@@ -421,11 +434,12 @@ def run_training(args, runtime, model, loss_fn, train_loader, val_loader, data: 
     config = describe_config(
         runtime, {**data.extra, "epochs_run": epochs, "steps_per_epoch": steps_per_epoch}
     )
-    print_config(runtime, config, data.save_dir / "config.json")
     run = TrainingRun(runtime, data.save_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                       config=config, selection_key="jaccard_mean", network=args.arch,
                       batch_size=args.batch_size)  # fmt: skip
+    # Resume first: a checkpoint that cannot be used stops the run before config.json is overwritten.
     start = run.resume(args.resume)
+    print_config(runtime, config, data.save_dir / "config.json")
     planned = args.train_steps - run.global_step if args.train_steps else steps_per_epoch * (epochs - start)
     if 0 < planned <= run.throughput.warmup_steps:
         # A run shorter than the warm-up would report no FPS at all: time all but its first step.
@@ -508,15 +522,37 @@ def summary_details(run: TrainingRun, extra: dict) -> dict:
     }
 
 
-def run_evaluation(args, runtime, model, val_loader, loss_fn, data: Data) -> int:
+def _missing_for_evaluation(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} does not exist: train first (bash test/train_full_1p.sh or train_full_8p.sh) "
+        "or pass the checkpoint with --resume=PATH (test scripts: --pth_path=PATH)"
+    )
+
+
+def read_checkpoints(args: argparse.Namespace) -> dict:
+    """Read --pretrained and --resume before any data is prepared or any network built: a missing, damaged
+    or unsafe file stops the run at once (named, with the reason), not after minutes of preparation.
+
+    Returns the states that are used as they are (--pretrained, and --resume with --evaluate); a training
+    state is read again by TrainingRun.resume, so it is not held in memory meanwhile."""
+    if args.evaluate and args.resume and not Path(args.resume).is_file():
+        raise _missing_for_evaluation(Path(args.resume))
+    states = {}
+    if args.pretrained:
+        states["pretrained"] = load_checkpoint(args.pretrained)
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        if args.evaluate:
+            states["resume"] = state
+    return states
+
+
+def run_evaluation(args, runtime, model, val_loader, loss_fn, data: Data, state=None) -> int:
     """One sharded validation pass of a checkpoint and the ModelZoo `_eval` summary."""
     path = Path(args.resume) if args.resume else data.save_dir / "model_best.pth.tar"
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist: train first (bash test/train_full_1p.sh or train_full_8p.sh) "
-            "or pass the checkpoint with --resume=PATH (test scripts: --pth_path=PATH)"
-        )
-    load_weights(model, path)
+    if state is None and not path.is_file():
+        raise _missing_for_evaluation(path)
+    load_weights(model, state if state is not None else path, name=str(path))
     runtime.print(f"Evaluating {path} on {len(data.val_set)} validation images")
     val = evaluate(model, val_loader, SegmentationMetrics(compute_hd95=True), runtime, loss_fn=loss_fn)
     print_validation(runtime, val, len(data.val_set))
@@ -534,8 +570,4 @@ def run_evaluation(args, runtime, model, val_loader, loss_fn, data: Data) -> int
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ModelZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

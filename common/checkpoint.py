@@ -17,6 +17,7 @@ import pickle
 import random
 import tempfile
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,21 +70,61 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _damaged_member(path: Path) -> str | None:
+    """For torch's zip format: the first member whose CRC-32 does not match, or None (also for the legacy
+    non-zip format, which torch.load checks itself)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        return f"damaged archive: {exc}"
+    return f"member {bad} fails its CRC check" if bad else None
+
+
+_BOILERPLATE = (
+    "Weights only load failed",
+    "Please file an issue",
+    "Check the documentation",
+    "(1) ",
+    "(2) ",
+)
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The unpickler's own complaint inside torch's long weights-only message."""
+    for line in str(exc).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and not line.startswith(_BOILERPLATE):
+            return line[:200]
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """Read a checkpoint with `weights_only=True`; every failure is a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damaged = _damaged_member(path)
+    if damaged:
+        # Checked first: garbled bytes would otherwise load as wrong weights, or fail in the unpickler and
+        # read as a hostile file.
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({damaged})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if reason.startswith("Unsupported operand"):  # bytes that are no pickle at all, not code
+            raise CheckpointError(f"checkpoint {path} is corrupted or not a checkpoint ({reason})") from exc
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled Python objects beyond tensors and plain containers, "
-            f"which could run code when loaded ({str(exc).splitlines()[0][:200]}). Only load files you "
+            f"which could run code when loaded ({reason}). Only load files you "
             "trust; re-save a trusted file's state_dict with torch.save(model.state_dict(), ...)"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({str(exc)[:200]})") from exc
+    except Exception as exc:  # noqa: BLE001 - garbage bytes fail anywhere in the unpickler (KeyError, ...)
+        reason = str(exc)[:200] or type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason})") from exc
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> OrderedDict:
@@ -132,14 +173,18 @@ def _list(names: list[str], limit: int = 8) -> str:
 
 
 def load_weights(
-    model: torch.nn.Module, source: str | Path | Mapping[str, Any], strict: bool = True
+    model: torch.nn.Module,
+    source: str | Path | Mapping[str, Any],
+    strict: bool = True,
+    name: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """Load weights from a path or a dict into `model` (wrappers and prefixes handled).
 
     Returns (missing, unexpected) keys when strict=False; with strict=True a mismatch raises a
-    CheckpointError naming the missing, unexpected and mis-shaped keys.
+    CheckpointError naming the missing, unexpected and mis-shaped keys. `name` (the file a dict was
+    read from) goes into the messages; a path names itself.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "checkpoint"
+    name = str(source) if isinstance(source, (str, Path)) else (name or "checkpoint")
     obj = load_checkpoint(source) if isinstance(source, (str, Path)) else source
     state = extract_state_dict(obj, name)
     target = unwrap_model(model)

@@ -347,17 +347,22 @@ class TrainingRun:
             self.save_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- resume -----------------------------------------------------------------------------------
-    def resume(self, path: str | Path | None) -> int:
-        """Restore everything from a checkpoint written by `end_epoch`; returns the epoch to start at."""
+    def resume(self, path: str | Path | None, state: dict | None = None) -> int:
+        """Restore everything from a checkpoint written by `end_epoch`; returns the epoch to start at.
+
+        `state`: the checkpoint already read from `path` (a caller that checked it before building the model
+        need not read hundreds of MB twice).
+        """
         if not path:
             return 0
-        state = load_checkpoint(path, map_location="cpu")
+        if state is None:
+            state = load_checkpoint(path, map_location="cpu")
         if not isinstance(state, dict) or "optimizer" not in state or "epoch" not in state:
             raise CheckpointError(
                 f"{path} holds weights only, not a training state; use it with --pretrained/--pth_path "
                 "(initial weights) or pass a checkpoint.pth.tar written by this code to --resume"
             )
-        load_weights(self.model, state)
+        load_weights(self.model, state, name=str(path))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:

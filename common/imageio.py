@@ -266,11 +266,21 @@ def _tiff_pages_tifffile(path: Path) -> list[np.ndarray]:
 
 
 def _tiff_pages_pil(path: Path) -> list[np.ndarray]:
-    with Image.open(path) as im:
+    import warnings
+
+    # PIL only warns when a tag points past the end of the file or EXIF data is corrupt, then carries on
+    # with what it could read (a damaged IFD chain comes out as fewer pages): that file is broken.
+    with warnings.catch_warnings(record=True) as caught, Image.open(path) as im:
+        warnings.simplefilter("always")
         pages = []
         for frame in ImageSequence.Iterator(im):
             frame.load()
             pages.append(np.array(frame))
+    broken = [
+        str(w.message) for w in caught if "larger than file" in str(w.message) or "Corrupt" in str(w.message)
+    ]
+    if broken:
+        raise ValueError(broken[0])
     return pages
 
 

@@ -17,7 +17,8 @@ import repo_path  # noqa: E402, F401  (puts the monorepo root on sys.path)
 from main import DEFAULTS  # noqa: E402
 
 from common.cli import positive_int  # noqa: E402
-from common.isic.solver import build_parser  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+from common.isic.solver import build_parser, check_args  # noqa: E402
 
 # The launcher's own flags (torchrun's); everything else goes to main.py.
 LAUNCHER_FLAGS = ("--nproc_per_node", "--master_port")
@@ -55,5 +56,10 @@ def split_launcher_flags(argv: Sequence[str]) -> list[str]:
 def parse_options(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """(parsed options, the flags to forward to main.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = build_options_parser().parse_args(argv)
+    parser = build_options_parser()
+    options = parser.parse_args(argv)
+    try:
+        check_args(options)  # main.py's own rules, before torchrun starts anything
+    except ConfigError as exc:
+        parser.error(str(exc))
     return options, split_launcher_flags(argv)

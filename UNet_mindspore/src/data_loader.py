@@ -4,6 +4,14 @@ Data (Arganda-Carreras et al., "Crowdsourcing the creation of image segmentation
 connectomics", Front. Neuroanat. 2015): 30 serial-section EM pages of 512x512 with labels where
 **255 = cell interior and 0 = membrane**. After binarisation, class 1 is cell interior and class 0 is membrane.
 
+Label policy (common.imageio.binarize_mask): 0/255 and 0/1 pages are taken as they are; other values are
+thresholded at half the range (>= 128 for 8-bit) when some reach it, so JPEG-like noise around 0 and 255
+survives, and each such file is reported (`IsbiData.label_notes`: its pages and how many pixels were neither
+level), since the challenge's labels are exactly 0/255 and stray values also mean a damaged file. Values that
+never reach the threshold (a label map {0, 1, 2}, {0, 7}) are refused. Image pages must be 8-bit grey in the
+multipage TIFF (16-bit, float or colour stacks are refused: convert them); single-page files go through
+common.imageio.read_image (colour -> luma, 16-bit scaled by 255/65535).
+
 Accepted layouts of `--data_url` (both are checked before any training step):
 
     <data_url>/train-volume.tif, train-labels.tif [, test-volume.tif]     the challenge's multipage TIFFs
@@ -37,7 +45,7 @@ import torch.nn.functional as F
 
 from common.datacheck import check_pairs, pair_by_stem
 from common.errors import ConfigError, DataError
-from common.imageio import IMAGE_EXTENSIONS, binarize_mask, read_image, read_mask, read_tiff_stack
+from common.imageio import IMAGE_EXTENSIONS, binarize_mask, read_image, read_label, read_mask, read_tiff_stack
 from common.loader import SeededDataset
 from src.unet import output_size
 
@@ -70,6 +78,8 @@ class IsbiData:
     source: Path
     layout: str  # "tiff" or "slices"
     names: list[str] = field(default_factory=list)
+    # One line per label file whose values were not exactly binary and were thresholded (the policy above).
+    label_notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -99,9 +109,40 @@ def _check_pages(pages: np.ndarray, path: Path, what: str) -> np.ndarray:
     return pages
 
 
-def _binarize_stack(pages: np.ndarray, path: Path) -> np.ndarray:
-    # The labels must be 0/255 (or 0/1); anything else would silently turn into one class.
-    return np.stack([binarize_mask(page, f"{path} (page {i})") for i, page in enumerate(pages)])
+def _off_level_pixels(raw: np.ndarray) -> int:
+    """Pixels that are neither 0 nor the label's full level (1, 255 or 65535)."""
+    top = raw.max(initial=0)
+    level = 1 if top <= 1 else 255 if top <= 255 else 65535
+    return int(np.count_nonzero((raw != 0) & (raw != level)))
+
+
+def _label_note(path: Path, off: int, pixels: int, pages: list[str] | None = None) -> str:
+    where = ""
+    if pages:
+        where = " in page(s) " + ", ".join(pages[:8]) + (", ..." if len(pages) > 8 else "")
+    return (
+        f"{path}: {off} of {pixels} label pixels{where} are neither 0 nor 255; thresholded at half the range "
+        "(128 for 8-bit labels; a JPEG-compressed or damaged labels file?)"
+    )
+
+
+def _binarize_stack(pages: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]]:
+    # The labels must be 0/255 (or 0/1); values that never reach the threshold would silently turn into one
+    # class and are refused, other values are thresholded and reported.
+    labels = np.stack([binarize_mask(page, f"{path} (page {i})") for i, page in enumerate(pages)])
+    off = {str(i): n for i, page in enumerate(pages) if (n := _off_level_pixels(page))}
+    return labels, ([_label_note(path, sum(off.values()), pages.size, list(off))] if off else [])
+
+
+def _read_label_slice(path: Path) -> tuple[np.ndarray, int]:
+    """A label slice as bool (H, W) under the policy above, and its count of off-level pixels."""
+    try:
+        raw = read_label(path)
+    except DataError:  # colour labels: read_mask's channel maximum
+        return read_mask(path), 0
+    if raw.ndim == 3:
+        raw = raw[:, :, 0]
+    return binarize_mask(raw, path), _off_level_pixels(raw)
 
 
 def slice_folders(root: Path) -> tuple[Path, Path] | None:
@@ -120,7 +161,12 @@ def _load_slices(root: Path, images_dir: Path, labels_dir: Path) -> IsbiData:
     check_pairs(pairs, lambda p: read_image(p, "L"), read_mask)
     pairs.sort(key=lambda pair: _page_order(pair[0]))
     image_pages = [read_image(img, "L") for _, img, _ in pairs]
-    label_pages = [read_mask(lbl) for _, _, lbl in pairs]
+    label_pages, notes = [], []
+    for _, _, lbl in pairs:
+        page, off = _read_label_slice(lbl)
+        label_pages.append(page)
+        if off:
+            notes.append(_label_note(lbl, off, page.size))
     shapes = {page.shape for page in image_pages}
     if len(shapes) != 1:
         raise DataError(images_dir, f"pages differ in size: {sorted(shapes)}; all pages must share one size")
@@ -130,6 +176,7 @@ def _load_slices(root: Path, images_dir: Path, labels_dir: Path) -> IsbiData:
         source=root,
         layout="slices",
         names=[key for key, _, _ in pairs],
+        label_notes=notes,
     )
 
 
@@ -149,12 +196,14 @@ def _load_tiffs(root: Path) -> IsbiData:
             f"{raw_labels.shape[0]} pages of {raw_labels.shape[1]}x{raw_labels.shape[2]}, but {TRAIN_VOLUME} "
             f"has {images.shape[0]} pages of {images.shape[1]}x{images.shape[2]}; they must match page for page",
         )
+    labels, notes = _binarize_stack(raw_labels, labels_path)
     return IsbiData(
         images=images,
-        labels=_binarize_stack(raw_labels, labels_path),
+        labels=labels,
         source=root,
         layout="tiff",
         names=[str(i) for i in range(images.shape[0])],
+        label_notes=notes,
     )
 
 

@@ -84,10 +84,14 @@ def _int(value: object, what: str, path: Path) -> int:
 def _v1_devices(table: dict, path: Path) -> list[tuple[str, RankDevice]]:
     found = []
     for server in table["server_list"]:
-        if "server_id" not in server or not isinstance(server.get("device"), list):
-            raise DataError(path, "every server_list entry needs a server_id and a device list")
+        if (
+            not isinstance(server, dict)
+            or "server_id" not in server
+            or not isinstance(server.get("device"), list)
+        ):
+            raise DataError(path, f"server_list entry {server} needs a server_id and a device list")
         for dev in server["device"]:
-            if "device_id" not in dev or "rank_id" not in dev:
+            if not isinstance(dev, dict) or "device_id" not in dev or "rank_id" not in dev:
                 raise DataError(
                     path, f"device entry {dev} of server {server['server_id']} needs device_id and rank_id"
                 )
@@ -103,14 +107,24 @@ def _v1_devices(table: dict, path: Path) -> list[tuple[str, RankDevice]]:
 def _legacy_devices(table: dict, path: Path) -> list[tuple[str, RankDevice]]:
     found = []
     for group in table["group_list"]:
-        for inst in group.get("instance_list", []):
-            devices = inst.get("devices") or []
-            if "rank_id" not in inst or "server_id" not in inst or len(devices) != 1:
+        instances = group.get("instance_list") if isinstance(group, dict) else None
+        if not isinstance(instances, list):
+            raise DataError(path, f"group_list entry {group} needs an instance_list")
+        for inst in instances:
+            devices = inst.get("devices") if isinstance(inst, dict) else None
+            if (
+                not isinstance(devices, list)
+                or "rank_id" not in inst
+                or "server_id" not in inst
+                or len(devices) != 1
+            ):
                 raise DataError(path, f"instance {inst} needs rank_id, server_id and exactly one device")
             dev = devices[0]
+            if not isinstance(dev, dict) or "device_id" not in dev:
+                raise DataError(path, f"instance {inst} needs a device with a device_id")
             device = RankDevice(
                 _int(inst["rank_id"], "rank_id", path),
-                _int(dev.get("device_id", ""), "device_id", path),
+                _int(dev["device_id"], "device_id", path),
                 dev.get("device_ip"),
             )
             found.append((str(inst["server_id"]), device))
@@ -125,7 +139,7 @@ def read_rank_table(path: str | Path) -> RankTable:
     try:
         table = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(path, f"rank table is not valid JSON ({exc})") from None
+        raise DataError(path, f"rank table is not valid JSON ({exc}); is the file complete?") from None
     if not isinstance(table, dict):
         raise DataError(path, "rank table must be a JSON object")
     if table.get("status", "completed") != "completed":

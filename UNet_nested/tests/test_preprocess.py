@@ -145,5 +145,5 @@ def test_errors_name_the_folder(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not written by preprocess_dsb2018.py"):
         prep.preprocess(stage1, foreign, 32, 32)
     assert (foreign / "keep.txt").exists()
-    assert prep.main(["--data_path", str(tmp_path / "nothing_here")]) == 2
-    assert "no stage1_train folder found" in capsys.readouterr().err
+    with pytest.raises(DataError, match="--data_path does not exist"):
+        prep.main(["--data_path", str(tmp_path / "nothing_here")])

@@ -116,8 +116,18 @@ def open_split_cache(
     )
     if not cache.is_valid():
         log(f"Decoding the {len(ids)} {split} images once into {cache.array_path} ...")
-    cache.get_or_build(lambda i: decode_pair(pairs[i][1], pairs[i][2], cache_size), workers)
+    cache.get_or_build(lambda i: _decode_named(pairs[i][1], pairs[i][2], cache_size), workers)
     return cache.array_path, ids
+
+
+def _decode_named(image_path: Path, mask_path: Path, size: int) -> np.ndarray:
+    """decode_pair, with errors naming the user's file rather than the prepared layout's link to it."""
+    try:
+        return decode_pair(image_path, mask_path, size)
+    except DataError as exc:
+        if exc.path is None or not exc.path.is_symlink():
+            raise
+        raise DataError(exc.path.resolve(), exc.problem) from exc
 
 
 def augment_pair(

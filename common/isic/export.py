@@ -10,16 +10,18 @@ common.checkpoint does for any file). After writing, onnxruntime must agree with
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from common.checkpoint import load_weights
+from common.checkpoint import load_checkpoint
+from common.cli import positive_int
 from common.errors import ConfigError, ModelZooError
 from common.export import export_onnx, verify_onnx
 from common.isic.dataset import check_image_size
-from common.isic.solver import MODEL_TYPES, build_network
+from common.isic.solver import MODEL_TYPES, build_network, fit_weights
 
 
 def build_parser(
@@ -28,10 +30,15 @@ def build_parser(
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--model_type", default="U_Net", choices=MODEL_TYPES)
-    parser.add_argument("--t", type=int, default=3, help="recurrent steps of the R2 models")
-    parser.add_argument("--image_size", type=int, default=224, help="input side of the exported graph")
+    parser.add_argument("--t", type=positive_int, default=3, help="recurrent steps of the R2 models")
     parser.add_argument(
-        "--batch_size", type=int, default=1, help="batch of the example input (the axis stays dynamic)"
+        "--image_size", type=positive_int, default=224, help="input side of the exported graph"
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=1,
+        help="batch of the example input (the axis stays dynamic)",
     )
     parser.add_argument("--model_path", default="./models", help="where main.py wrote <model_type>/")
     parser.add_argument(
@@ -55,13 +62,18 @@ def run(args: argparse.Namespace) -> Path:
     )
     if not weights.is_file():
         raise ConfigError(f"no weights at {weights}: train first or pass --pth_path")
+    state = load_checkpoint(weights)  # corrupted or unsafe files fail before the model is built
+    output = Path(args.output or f"{args.model_type}.onnx")
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give the ONNX file's name")
     model = build_network(args.model_type, t=args.t)
-    load_weights(model, weights)
+    fit_weights(model, state, weights)
+    del state
     model.eval()
     example = torch.randn(
         args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)
     )
-    path = export_onnx(model, example, args.output or f"{args.model_type}.onnx")
+    path = export_onnx(model, example, output)
     print(f"Exported {args.model_type} ({weights}) to {path}")
     if not args.no_verify:
         diff = verify_onnx(path, model, example)
@@ -75,6 +87,6 @@ def main(argv: Sequence[str] | None = None, defaults: Mapping[str, Any] | None =
     try:
         run(args)
     except ModelZooError as exc:
-        print(f"[Error] {exc}", flush=True)
+        print(f"[Error] {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -5,24 +5,29 @@
 Per image: `<stem>_mask.png` (0/255, at the image's own size), `<stem>_overlay.png` (prediction in red,
 ground truth contour in green when --gt_dir holds `<stem>_segmentation.png`) and, with --save_prob, the
 probability map. `predictions.json` lists every file with its foreground fraction (and Dice with --gt_dir).
+The checkpoint, every input image and every ground-truth mask are checked before the model is built, so
+a bad input stops the run with one message and no masks written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.checkpoint import load_weights
+from common.checkpoint import load_checkpoint
+from common.cli import positive_int
+from common.datacheck import format_problems
 from common.device import DEVICE_CHOICES, select_device
-from common.errors import ConfigError, ModelZooError
+from common.errors import ConfigError, DataError, ModelZooError
 from common.imageio import read_image, read_mask
 from common.isic.dataset import check_image_size, preprocess
-from common.isic.prepare import GT_SUFFIX
-from common.isic.solver import MODEL_TYPES, build_network
+from common.isic.prepare import GT_SUFFIX, read_header
+from common.isic.solver import MODEL_TYPES, build_network, fit_weights
 from common.predict2d import list_images, predict_images
 
 
@@ -34,14 +39,16 @@ def build_parser(
     parser.add_argument("--input", required=True, help="an image or a folder of images (.jpg, .png, ...)")
     parser.add_argument("--output", default="./predictions", help="folder for masks and overlays")
     parser.add_argument("--model_type", default="U_Net", choices=MODEL_TYPES)
-    parser.add_argument("--t", type=int, default=3, help="recurrent steps of the R2 models")
-    parser.add_argument("--image_size", type=int, default=224, help="the size the network was trained at")
+    parser.add_argument("--t", type=positive_int, default=3, help="recurrent steps of the R2 models")
+    parser.add_argument(
+        "--image_size", type=positive_int, default=224, help="the size the network was trained at"
+    )
     parser.add_argument("--model_path", default="./models", help="where main.py wrote <model_type>/")
     parser.add_argument(
         "--pth_path", default="", help="weights (default <model_path>/<model_type>/model_best.pth.tar)"
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="foreground where sigmoid(logit) > this")
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=positive_int, default=4)
     parser.add_argument(
         "--gt_dir", default="", help="folder of <stem>_segmentation.png for contours and Dice"
     )
@@ -51,6 +58,26 @@ def build_parser(
     if defaults:
         parser.set_defaults(**dict(defaults))
     return parser
+
+
+def check_inputs(paths: list[Path], gt_dir: Path | None) -> None:
+    """Every input image opens, and every ground-truth mask found has its image's size: one DataError
+    lists all problems before the model is built or any mask is written."""
+    problems: list[tuple[Path, str]] = []
+    for path in paths:
+        mask = gt_dir / f"{path.stem}{GT_SUFFIX}.png" if gt_dir is not None else None
+        try:
+            image = read_header(path, "image")
+            if mask is not None and mask.is_file():
+                size = read_header(mask, "mask").shape
+                if size != image.shape[:2]:
+                    problems.append((mask, f"size {size} differs from image {path.name} {image.shape[:2]}"))
+        except DataError as exc:
+            problems.append((exc.path or path, exc.problem))
+    if problems:
+        raise DataError(
+            paths[0].parent, f"{len(problems)} problem(s) in the input:\n" + format_problems(problems)
+        )
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -64,11 +91,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     )
     if not weights.is_file():
         raise ConfigError(f"no weights at {weights}: train first or pass --pth_path")
-    device = select_device(args.device, args.device_id)
-    model = build_network(args.model_type, t=args.t)
-    load_weights(model, weights)
+    state = load_checkpoint(weights)  # corrupted or unsafe files fail before anything else
     paths = list_images(args.input)
     gt_dir = Path(args.gt_dir) if args.gt_dir else None
+    if gt_dir is not None and not gt_dir.is_dir():
+        raise DataError(gt_dir, "--gt_dir is not a folder of <id>_segmentation.png masks")
+    check_inputs(paths, gt_dir)
+    device = select_device(args.device, args.device_id)
+    model = build_network(args.model_type, t=args.t)
+    fit_weights(model, state, weights)
+    del state
 
     def load(path: Path):
         image = read_image(path, "RGB")
@@ -97,6 +129,6 @@ def main(argv: Sequence[str] | None = None, defaults: Mapping[str, Any] | None =
     try:
         run(args)
     except ModelZooError as exc:
-        print(f"[Error] {exc}", flush=True)
+        print(f"[Error] {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -20,17 +20,20 @@ it, under a file lock so that N ranks do not race, and reused by later runs.
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
 import os
 import shutil
 import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from common.cache import default_cache_dir
 from common.datacheck import check_pairs, pair_by_stem
@@ -141,13 +144,27 @@ def _list_side(side: Path, wanted: Callable[[str], bool]) -> list[Path]:
     return sorted(p for p in side.iterdir() if p.is_file() and wanted(p.name))
 
 
+NAMING_HINT = (
+    f"(an image <id>.jpg pairs with the mask <id>{GT_SUFFIX}.png; ids differing only in the extension, "
+    "such as ISIC_1.jpg and ISIC_1.JPG or ISIC_1.png, are duplicates: keep one)"
+)
+
+
+def _pair(images: list[Path], masks: list[Path]) -> list[tuple[str, Path, Path]]:
+    """pair_by_stem with the ISIC naming rule added to its message."""
+    try:
+        return pair_by_stem(images, masks, mask_id=mask_id)
+    except DataError as exc:
+        raise DataError(exc.path, f"{exc.problem}\n{NAMING_HINT}") from None
+
+
 def source_pairs(source: Source) -> list[tuple[str, Path, Path]]:
     """Every (id, image, mask) of the source; one DataError lists images without masks and vice versa."""
     images = _list_side(source.images, _is_image_name)
     masks = _list_side(source.masks, _is_mask_name)
     if not images:
         raise DataError(source.images, f"holds no ISIC images (*.jpg).\nExpected layout:\n{EXPECTED_TREE}")
-    return pair_by_stem(images, masks, mask_id=mask_id)
+    return _pair(images, masks)
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -219,15 +236,50 @@ class _Header:
     shape: tuple[int, ...]
 
 
-def _header(path: Path, what: str) -> _Header:
+def _zip_member(path: Path) -> tuple[Path, str] | None:
+    """(archive, member) when `path` is a `<zip>/<member>` path of `_list_side`, else None."""
+    for parent in path.parents:
+        if parent.suffix.lower() == ".zip" and parent.is_file():
+            return parent, path.relative_to(parent).as_posix()
+    return None
+
+
+HEADER_BYTES = 1 << 18  # JPEG/PNG headers (EXIF included) fit; the pixels are not needed here
+
+
+def read_header(
+    path: str | Path, what: str = "image", archives: dict[Path, zipfile.ZipFile] | None = None
+) -> _Header:
+    """Open `path` (a file, or a `<zip>/<member>` path) and read its size from the header alone.
+
+    Every failure is a DataError naming `path`: missing, not an image (damaged header), unreadable.
+    `archives` caches open zips between calls (the central directory is read once).
+    """
+    path = Path(path)
     try:
-        with Image.open(path) as im:
+        inside = _zip_member(path)
+        if inside is not None:
+            archives = {} if archives is None else archives
+            if inside[0] not in archives:
+                archives[inside[0]] = zipfile.ZipFile(inside[0])
+            with archives[inside[0]].open(inside[1]) as member:
+                handle = io.BytesIO(member.read(HEADER_BYTES))
+        else:
+            handle = path
+        with Image.open(handle) as im:
             width, height = im.size
             channels = len(im.getbands())
     except FileNotFoundError as exc:
         raise DataError(path, "file not found (a dangling link? prepare the data again)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(path, f"cannot be read as an {what} ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise DataError(
+            path,
+            f"cannot be read as {'an image' if what == 'image' else 'a mask'}: not a JPEG/PNG file, "
+            "or its header is damaged (a garbled or truncated download)",
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        article = "an image" if what == "image" else "a mask"
+        raise DataError(path, f"cannot be read as {article}: truncated or damaged ({exc})") from exc
     return _Header((height, width, channels) if what == "image" else (height, width))
 
 
@@ -235,9 +287,21 @@ def check_layout_pairs(pairs: Sequence[tuple[str, Path, Path]]) -> None:
     """Every image and mask opens and each mask has its image's size; one DataError lists all problems.
 
     Only headers are read (thousands per second); a file truncated after its header is reported by name
-    when the decoded cache is built, still before the first training step.
+    when the decoded cache is built, still before the first training step. Members of a zip are read
+    one at a time (a ZipFile is not shared between threads).
     """
-    check_pairs(pairs, lambda p: _header(p, "image"), lambda p: _header(p, "mask"))
+    zipped = any(_zip_member(p) is not None for pair in pairs[:1] for p in pair[1:])
+    archives: dict[Path, zipfile.ZipFile] = {}
+    try:
+        check_pairs(
+            pairs,
+            lambda p: read_header(p, "image", archives),
+            lambda p: read_header(p, "mask", archives),
+            workers=1 if zipped else None,
+        )
+    finally:
+        for archive in archives.values():
+            archive.close()
 
 
 def layout_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
@@ -249,13 +313,23 @@ def layout_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
         raise DataError(
             root / split, f"the {split} split holds no images.\nExpected layout:\n{EXPECTED_TREE}"
         )
-    return pair_by_stem(images, masks, mask_id=mask_id)
+    return _pair(images, masks)
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
 def _place(src: Path, dest: Path, file_op: str, archives: dict[Path, zipfile.ZipFile]) -> None:
+    try:
+        _place_file(src, dest, file_op, archives)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = "no space left on device" if getattr(exc, "errno", None) == errno.ENOSPC else str(exc)
+        raise DataError(
+            src, f"cannot be copied into the split layout ({reason}); nothing was written"
+        ) from exc
+
+
+def _place_file(src: Path, dest: Path, file_op: str, archives: dict[Path, zipfile.ZipFile]) -> None:
     for archive_path, archive in archives.items():
         if archive_path in src.parents:
             with archive.open(src.relative_to(archive_path).as_posix()) as fin, open(dest, "wb") as fout:
@@ -285,7 +359,9 @@ def prepare(
 ) -> dict:
     """Write the split layout of `source` into `out`; returns the split record (what split.json holds).
 
-    The six split folders are built in a temporary folder inside `out` and then moved into place
+    Every source image and mask is opened first (headers: size, readable) and one DataError names every
+    unpaired, duplicate, unreadable or mis-sized file before anything is written. The six split folders
+    are then built in a temporary folder inside `out` and moved into place
     (replacing earlier ones, as the reference does); split.json is written last, so an interrupted
     run leaves no split.json and the next one starts over. `file_op` says how files of a source folder
     get there (zip members are always extracted).
@@ -294,6 +370,8 @@ def prepare(
         raise ConfigError(f"--file_op must be one of {', '.join(FILE_OPS)}, got {file_op!r}")
     out = Path(out)
     pairs = source_pairs(source)
+    # Every source file is checked before anything is written, and problems name the source files.
+    check_layout_pairs(pairs)
     by_id = {key: (image, mask) for key, image, mask in pairs}
     if split_file:
         record = read_split_file(split_file)
@@ -326,8 +404,6 @@ def prepare(
                 image, mask = by_id[key]
                 _place(image, tmp / split / image.name, file_op, archives)
                 _place(mask, tmp / f"{split}_GT" / mask.name, file_op, archives)
-        for split in SPLITS:
-            check_layout_pairs(layout_pairs(tmp, split))
         for name in (f"{s}{gt}" for s in SPLITS for gt in ("", "_GT")):
             shutil.rmtree(out / name, ignore_errors=True)
             os.replace(tmp / name, out / name)
@@ -349,6 +425,34 @@ def prepare(
     for split in SPLITS:
         log(f"image count in {split} path :{len(splits[split])}")
     return record
+
+
+def layout_error(path: str | Path, flag: str = "--data_path") -> DataError:
+    """The DataError for a path that holds no usable ISIC data: what is wrong, and the expected tree."""
+    path = Path(path)
+    tree = f"\nExpected layout:\n{EXPECTED_TREE}"
+    if not path.exists():
+        return DataError(path, f"{flag} does not exist.{tree}")
+    if not path.is_dir():
+        return DataError(path, f"{flag} is not a directory.{tree}")
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return DataError(path, f"{flag} is an empty folder.{tree}")
+    split_dirs = [f"{s}{gt}" for s in SPLITS for gt in ("", "_GT")]
+    present = [d for d in split_dirs if (path / d).is_dir()]
+    if present:
+        missing = [d for d in split_dirs if d not in present]
+        return DataError(path, f"incomplete split layout: {', '.join(missing)} missing.{tree}")
+    has_images = _side(path, IMAGE_DIR) is not None or path.name == IMAGE_DIR
+    has_masks = _side(path if path.name != IMAGE_DIR else path.parent, GT_DIR) is not None
+    if has_images != has_masks:
+        lacking = GT_DIR if has_images else IMAGE_DIR
+        return DataError(path, f"the {lacking} folder (or {lacking}.zip) is missing beside it.{tree}")
+    shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+    return DataError(
+        path,
+        f"is neither ISIC 2018 Task 1 as distributed nor a prepared split layout (it holds {shown}).{tree}",
+    )
 
 
 def _matches(out: Path, ids: set[str], seed: int, ratios: Sequence[float]) -> bool:
@@ -380,17 +484,11 @@ def resolve_data_path(
     written by dataset.py. Safe to call from every rank at once.
     """
     path = Path(data_path).expanduser()
-    if not path.exists():
-        raise DataError(path, f"--data_path does not exist.\nExpected layout:\n{EXPECTED_TREE}")
     if is_prepared(path):
         return path
     source = find_source(path)
     if source is None:
-        raise DataError(
-            path,
-            f"is neither ISIC 2018 Task 1 as distributed nor a prepared split layout.\nExpected layout:\n"
-            f"{EXPECTED_TREE}",
-        )
+        raise layout_error(path, "--data_path")
     out = prepared_dir_for(source, seed, ratios)
     with file_lock(out.parent / f".{out.name}.lock"):
         ids = {key for key, _, _ in source_pairs(source)}
@@ -427,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check_ratios((args.train_ratio, args.valid_ratio, args.test_ratio))
     if args.origin_data_path:
         images = Path(args.origin_data_path)
         masks = Path(args.origin_GT_path) if args.origin_GT_path else _side(images.parent, GT_DIR)
@@ -441,9 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(args.data_path or ".")
         source = find_source(root)
         if source is None:
-            raise DataError(root, f"ISIC 2018 Task 1 not found.\nExpected layout:\n{EXPECTED_TREE}")
-    ratios = (args.train_ratio, args.valid_ratio, args.test_ratio)
+            raise layout_error(root, "--data_path")
+    ratios = _check_ratios((args.train_ratio, args.valid_ratio, args.test_ratio))
     out = Path(args.output_path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--output_path {out} is a file; it must be a folder (new or earlier dataset.py output)"
+        )
     print(f"Source: {source.describe()}\nOutput: {out.resolve()}")
     prepare(source, out, ratios=ratios, seed=args.seed, file_op=args.file_op, split_file=args.split_file)
     print(f"Split list: {out / SPLIT_FILE}")

@@ -46,7 +46,7 @@ from common.cli import (
     setup_runtime,
 )
 from common.engine import StepInfo, TrainingRun, current_lr, evaluate, train_one_epoch
-from common.errors import ConfigError, ModelZooError
+from common.errors import CheckpointError, ConfigError, ModelZooError
 from common.isic.dataset import ISICDataset, build_split, check_image_size
 from common.isic.losscurve import CURVE_KEYS, split_hash, write_curve
 from common.isic.prepare import DEFAULT_SPLIT_SEED, resolve_data_path
@@ -311,20 +311,83 @@ class Session:
         return values
 
 
-def _load_start_weights(session: Session, model: torch.nn.Module) -> bool:
-    """--pth_path holding plain weights initialises the model; True when it is a training state instead."""
-    path = session.args.pth_path
-    if not path:
+def fit_weights(model: torch.nn.Module, state: Any, path: str | Path) -> None:
+    """load_weights for a checkpoint already read from `path`; a mismatch names the file and the keys."""
+    try:
+        load_weights(model, state)
+    except CheckpointError as exc:
+        message = str(exc)
+        if message.startswith("checkpoint "):
+            message = f"{path} {message[len('checkpoint ') :]}"
+        raise CheckpointError(message) from None
+
+
+def remove_interrupted_writes(save_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a killed run left behind (they are never read).
+
+    common.checkpoint.save_checkpoint writes `.<name>.<random>.tmp` and renames it over `<name>`; a run
+    killed mid-write leaves the temporary file and an intact `<name>`.
+    """
+    removed = []
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        for leftover in save_dir.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
+def _is_training_state(state: Any) -> bool:
+    return isinstance(state, dict) and "optimizer" in state and "epoch" in state
+
+
+def _read_checkpoint(path: str | Path, flag: str) -> Any:
+    """The checkpoint a flag names, read (weights only: nothing in it runs) before any data is prepared.
+
+    A missing, truncated, corrupted or code-carrying file is reported at once instead of after the data
+    preparation and the decoding of every image.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"{flag} {path}: no such checkpoint file")
+    try:
+        # Memory-mapped: the shapes are checked without reading ~400 MB that run.resume reads anyway.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mapped; load_checkpoint explains
+        return load_checkpoint(path)
+
+
+def _start_states(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(state of --resume, state of --pth_path), each None when its flag is not given."""
+    resume = _read_checkpoint(args.resume, "--resume") if args.resume else None
+    if resume is not None and not _is_training_state(resume):
+        raise CheckpointError(
+            f"{args.resume} holds weights only, not a training state; use it with --pth_path (initial "
+            "weights) or pass a checkpoint.pth.tar written by this code to --resume"
+        )
+    pth = _read_checkpoint(args.pth_path, "--pth_path") if args.pth_path and not args.resume else None
+    return resume, pth
+
+
+def _load_start_weights(session: Session, model: torch.nn.Module, resume: Any, pth: Any) -> bool:
+    """Check the start checkpoint against the model now (before any file is written).
+
+    --pth_path holding plain weights initialises the model; returns True when it is a training state,
+    which then resumes like --resume.
+    """
+    if resume is not None:
+        # Mismatched keys are named now, before config.json or any checkpoint is written.
+        fit_weights(model, resume, session.args.resume)
         return False
-    state = load_checkpoint(path)
-    if isinstance(state, dict) and "optimizer" in state and "epoch" in state:
+    if pth is None:
+        return False
+    fit_weights(model, pth, session.args.pth_path)
+    if _is_training_state(pth):
         return True
-    load_weights(model, state)
-    session.log(f"Initial weights from {path}")
+    session.log(f"Initial weights from {session.args.pth_path}")
     return False
 
 
 def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
+    resume_state, pth_state = _start_states(args)
     session = Session(args, runtime)
     session.check_batch_norm()
     log = session.log
@@ -338,7 +401,8 @@ def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
                                 seed=args.seed)  # fmt: skip
     val_loader = session.eval_loader("valid")
     model = session.network()
-    resume_from_pth = _load_start_weights(session, model)
+    resume_from_pth = _load_start_weights(session, model, resume_state, pth_state)
+    del resume_state, pth_state  # run.resume reads the file again; do not hold two copies
     optimizer = build_optimizer(model, args, runtime)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(epoch, args.num_epochs, args.num_epochs_decay)
@@ -347,6 +411,9 @@ def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
     model = runtime.dist.wrap(model, runtime.device)
     if args.compile:
         model = torch.compile(model)
+    if runtime.is_main:
+        for leftover in remove_interrupted_writes(session.save_dir):
+            log(f"Removed {leftover}, left by a run killed while writing a checkpoint")
     curve_config = session.curve_config()
     config = describe_config(runtime, extra={"prepared_data": str(session.root), "curve": curve_config})
     print_config(runtime, config, session.save_dir / "config.json")
@@ -427,25 +494,31 @@ def _finish_training(session: Session, run: TrainingRun, model: torch.nn.Module)
 
 
 def run_test(args: argparse.Namespace, runtime: Runtime) -> None:
-    session = Session(args, runtime)
-    weights = Path(args.pth_path) if args.pth_path else session.save_dir / "model_best.pth.tar"
+    weights = (
+        Path(args.pth_path)
+        if args.pth_path
+        else Path(args.model_path) / args.model_type / "model_best.pth.tar"
+    )
     if not weights.is_file():
         raise ConfigError(
             f"no weights at {weights}: train first (--mode train with the same --model_type and --model_path) "
             "or pass --pth_path=<checkpoint or the reference's .pkl>"
         )
+    state = load_checkpoint(weights)  # corrupted or unsafe files fail before the data is prepared
+    session = Session(args, runtime)
+    test_images = len(session.dataset("test"))  # the data is checked and decoded before the model is built
     model = session.network()
-    load_weights(model, weights)
-    session.log(f"Testing {args.model_type} weights {weights} on {len(session.dataset('test'))} test images")
+    fit_weights(model, state, weights)
+    best_epoch = state.get("best_epoch") if isinstance(state, dict) else None
+    stored = state.get("config") if isinstance(state, dict) else None
+    del state  # a training state holds the optimizer too
+    session.log(f"Testing {args.model_type} weights {weights} on {test_images} test images")
     test = session.score(model, "test", hd95=True)
     session.log(f"[Test] {scores_text(test)}, HD95: {test['hd95_mean']:.4f}")
     if not runtime.is_main:
         return
-    state = load_checkpoint(weights)
-    best_epoch = state.get("best_epoch") if isinstance(state, dict) else None
     # The training settings of the row come from the checkpoint when it records them.
     trained = argparse.Namespace(**vars(args))
-    stored = state.get("config") if isinstance(state, dict) else None
     for key in ("lr", "num_epochs", "num_epochs_decay", "augmentation_prob"):
         if isinstance(stored, dict) and key in stored:
             setattr(trained, key, stored[key])
