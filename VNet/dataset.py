@@ -19,8 +19,10 @@ MSD volumes keep their spacing; MRI is standardised per volume, CT clipped and s
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,8 @@ def detect_layout(path: Path) -> str:
     """ "luna16-raw", "luna16" or "msd"; DataError with the expected trees otherwise."""
     if not path.exists():
         raise DataError(path, f"data folder not found.\nExpected {EXPECTED_TREES}")
+    if not path.is_dir():
+        raise DataError(path, f"is a file, not a data folder.\nExpected {EXPECTED_TREES}")
     if (path / MSD_IMAGES).is_dir() and (path / MSD_LABELS).is_dir():
         return "msd"
     if (path / OUT_CT_DIR).is_dir() and (path / OUT_MASK_DIR).is_dir():
@@ -143,9 +147,68 @@ def resolve_data(
     return DataSpec("luna16", path, cases, mode, LabelMap.parse("gt0"), marker)
 
 
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes DT_FLOAT32, DT_FLOAT64
+
+
+def nifti_non_finite(path: str | Path, chunk: int = 1 << 24) -> tuple[int, int, int] | None:
+    """(voxels, NaN, infinite) counted in the raw data of a float NIfTI-1/-2 file; None for other files.
+
+    ITK's NIfTI reader (nifticlib) replaces non-finite floats by 0, so `read_volume` cannot show them;
+    counted from the file itself, a NaN in a .nii.gz is refused like one in a MetaImage.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as fh:
+        header = fh.read(540)
+        for endian in "<>":
+            if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+                (datatype,) = struct.unpack(endian + "h", header[70:72])
+                dims = struct.unpack(endian + "8h", header[40:56])
+                offset = int(struct.unpack(endian + "f", header[108:112])[0])
+                break
+            if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+                (datatype,) = struct.unpack(endian + "h", header[12:14])
+                dims = struct.unpack(endian + "8q", header[16:80])
+                offset = int(struct.unpack(endian + "q", header[168:176])[0])
+                break
+        else:
+            return None
+        if datatype not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+            return None
+        dtype = np.dtype(endian + _NIFTI_FLOATS[datatype])
+        voxels = math.prod(int(d) for d in dims[1 : dims[0] + 1])
+        fh.seek(offset)
+        nan = inf = 0
+        left = voxels * dtype.itemsize
+        while left > 0:
+            data = fh.read(min(left, chunk - chunk % dtype.itemsize))
+            if not data:
+                break  # a short file: read_volume's own check names it
+            values = np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype=dtype)
+            nan += int(np.count_nonzero(np.isnan(values)))
+            inf += int(np.count_nonzero(np.isinf(values)))
+            left -= len(data)
+    return voxels, nan, inf
+
+
+def read_finite(path: str | Path):
+    """`read_volume` plus a DataError when float voxels are NaN or infinite (a NaN CT would turn the loss NaN
+    mid-training), also in NIfTI files, whose reader hides them."""
+    volume = read_volume(path)
+    check_finite(volume.array, path)
+    counts = nifti_non_finite(path)
+    if counts is not None and (counts[1] or counts[2]):
+        voxels, nan, inf = counts
+        raise DataError(path, f"{nan + inf} of {voxels} voxels are not finite ({nan} NaN, {inf} infinite)")
+    return volume
+
+
 def validate_cases(spec: DataSpec, workers: int | None = None) -> None:
-    """Read every image and mask once; one DataError lists each unreadable file and geometry mismatch."""
-    check_pairs(spec.cases, read_volume, read_volume, check_size=True, workers=workers)
+    """Read every image and mask once; one DataError lists each unreadable file, non-finite volume and
+    geometry mismatch."""
+    check_pairs(spec.cases, read_finite, read_finite, check_size=True, workers=workers)
 
 
 def split_cases(

@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--workers must be at least 1, got {args.workers}")
         normalize_tree(args.root_path, settings, args.out, args.workers, args.dry_run, args.overwrite)
     except ModelZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"[Error] {exc}", file=sys.stderr)
         return 2
     return 0
 

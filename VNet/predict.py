@@ -30,14 +30,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from dataset import parse_size
+from dataset import check_patch_size, parse_size, read_finite
 from geometry import centered_grid, grid_of, resample_array
 from intensity import LabelMap, normalize_intensity
 from sliding_window import sliding_window_inference
 from vnet import VNet
 
 from common.checkpoint import extract_state_dict, load_checkpoint, load_weights
-from common.cli import run_main
+from common.cli import positive_int, run_main
+from common.datacheck import format_problems
 from common.device import DEVICE_CHOICES, select_device
 from common.errors import ConfigError, DataError
 from common.imageio import (
@@ -79,7 +80,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[VNet, dict
     state = load_checkpoint(checkpoint)
     config = state.get("config", {}) if isinstance(state, dict) else {}
     model = VNet(elu=bool(config.get("elu", False)), nll=True)
-    load_weights(model, extract_state_dict(state, str(checkpoint)))
+    load_weights(model, extract_state_dict(state, str(checkpoint)), name=str(checkpoint))
     return model.to(device).eval(), config
 
 
@@ -161,6 +162,28 @@ def find_reference(reference: Path | None, source: Path) -> Path | None:
     return matches[0]
 
 
+def check_inputs(inputs: Sequence[Path], reference: Path | None) -> None:
+    """Read every input (and its reference mask) once before anything is written: one DataError lists every
+    unreadable file, non-finite CT and reference on another grid, so no run stops half-way through a folder."""
+    problems: list[tuple[Path, str]] = []
+    for path in inputs:
+        try:
+            volume = read_finite(path)
+            ref_path = find_reference(reference, path)
+            if ref_path is not None:
+                diff = same_geometry(volume, read_volume(ref_path), tol=1e-3)
+                if diff:
+                    problems.append((ref_path, f"reference mask geometry differs from {path.name}: {diff}"))
+        except DataError as exc:
+            problems.append((exc.path or path, exc.problem))
+    if problems:
+        raise DataError(
+            Path(inputs[0]).parent,
+            f"{len(problems)} problem(s) with {len(inputs)} input volume(s); nothing was written:\n"
+            + format_problems(problems),
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", "--pth_path", "--resume", dest="checkpoint", required=True)
@@ -175,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resample to this voxel size in mm first (default: as in training; 0 = never)")  # fmt: skip
     parser.add_argument("--intensity", default=None, choices=("ct", "zscore"), help="default: as in training")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    parser.add_argument("--sw_batch", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--sw_batch", type=positive_int, default=1, help="windows per forward pass")
     parser.add_argument("--tta", action="store_true", help="average the 8 mirrorings of every window")
     parser.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold")
     parser.add_argument("--save_probabilities", action="store_true", help="also write the probability map")
@@ -191,23 +214,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.threshold < 1.0:
         raise ConfigError(f"--threshold must lie in (0, 1), got {args.threshold}")
+    if not 0.0 <= args.overlap < 1.0:
+        raise ConfigError(f"--overlap must lie in [0, 1), got {args.overlap}")
+    if args.vox_spacing is not None and args.vox_spacing < 0:
+        raise ConfigError(
+            f"--vox_spacing must be a positive number of mm (0: keep the grid), got {args.vox_spacing}"
+        )
+    patch = check_patch_size(parse_size(args.patch_size)) if args.patch_size else None
+    # The inputs first (cheap next to a 180 MB checkpoint, and the usual mistake).
+    inputs = list_volumes(args.input)
+    reference = Path(args.reference) if args.reference else None
+    check_inputs(inputs, reference)
     info = select_device(args.device, args.device_id)
     device = info.device
     model, config = load_model(args.checkpoint, device)
     prep = preprocessing_from_config(config)
-    if args.patch_size:
-        prep.patch = parse_size(args.patch_size)
+    if patch is not None:
+        prep.patch = patch
     if args.vox_spacing is not None:
         prep.spacing = args.vox_spacing or None
     if args.intensity:
         prep.intensity = args.intensity
     labels = LabelMap.parse(args.reference_labels or prep.label_map)
-    inputs = list_volumes(args.input)
     out = Path(args.output)
     single_file = len(inputs) == 1 and volume_ext(out) is not None
     out_dir = out.parent if single_file else out
     out_dir.mkdir(parents=True, exist_ok=True)
-    reference = Path(args.reference) if args.reference else None
     accumulate = "cpu" if args.accumulate_on == "cpu" else None
     autocast = None
     if args.amp:

@@ -48,7 +48,7 @@ def build_model(checkpoint: str | None) -> nn.Module:
     state = load_checkpoint(checkpoint)
     config = state.get("config", {}) if isinstance(state, dict) else {}
     model = VNet(elu=bool(config.get("elu", False)), nll=True)
-    load_weights(model, extract_state_dict(state, str(checkpoint)))
+    load_weights(model, extract_state_dict(state, str(checkpoint)), name=str(checkpoint))
     return model.eval()
 
 
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             worst = verify_onnx(path, model, example, rtol=1e-3, atol=1e-3)
             print(f"onnxruntime matches PyTorch: max abs difference {worst:.2e}")
     except ModelZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"[Error] {exc}", file=sys.stderr)
         return 2
     return 0
 

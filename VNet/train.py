@@ -22,6 +22,7 @@ import repo_path  # noqa: F401  # isort: skip  (puts the monorepo root on sys.pa
 
 import argparse
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from dataset import (
     VolumeDataset,
     check_patch_size,
     parse_size,
+    read_finite,
     resolve_data,
     split_cases,
     tiles_per_volume,
@@ -41,7 +43,7 @@ from normalize_dataset import DEFAULT_SIZE, DEFAULT_SPACING, Settings
 from sliding_window import sliding_window_inference
 from vnet import VNet, reference_weights_init_
 
-from common.checkpoint import load_weights
+from common.checkpoint import load_checkpoint, load_weights
 from common.cli import (
     add_common_args,
     describe_config,
@@ -57,8 +59,7 @@ from common.clock import BASES, Clock
 from common.datacheck import check_pairs
 from common.demo_data import MARKER as DEMO_MARKER
 from common.engine import StepInfo, TrainingRun, evaluate, train_one_epoch
-from common.errors import ConfigError, DataError
-from common.imageio import read_volume
+from common.errors import CheckpointError, ConfigError, DataError
 from common.loader import build_loader
 from common.losses import CrossEntropyLoss, TwoClassDiceLoss
 from common.metrics import SegmentationMetrics
@@ -221,7 +222,7 @@ def validate_shard(spec, indices: list[int], runtime) -> None:
     """Every rank reads its share of the cases; a bad file anywhere stops every rank with the full list."""
     problem = ""
     try:
-        check_pairs([spec.cases[i] for i in indices], read_volume, read_volume, check_size=True)
+        check_pairs([spec.cases[i] for i in indices], read_finite, read_finite, check_size=True)
     except DataError as exc:
         problem = str(exc)
     (bad,) = runtime.dist.reduce_scalars([1.0 if problem else 0.0], runtime.device.device, "sum")
@@ -231,10 +232,42 @@ def validate_shard(spec, indices: list[int], runtime) -> None:
         raise DataError(None, "another rank found bad data files (see its log: test/output/<rank>/)")
 
 
+def check_batchnorm(patch: tuple[int, ...], batch: int) -> None:
+    """In training, BatchNorm needs more than one value per channel; V-Net's deepest stage holds 1/16 of the
+    patch per axis, so a 16x16x16 patch with one sample per process has a single one."""
+    if batch * math.prod(p // 16 for p in patch) < 2:
+        raise ConfigError(
+            f"--patch_size {'x'.join(map(str, patch))} with --batchSz {batch}: V-Net's deepest stage sees one "
+            "voxel per channel (1/16 of each axis) and BatchNorm needs more than one value per channel in "
+            "training; use an axis of 32 or more (e.g. 16x16x32) or --batchSz 2 or more"
+        )
+
+
+def read_resume_state(path: str) -> dict:
+    """The training state of a --resume checkpoint, read and checked before any data or model work."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "optimizer" not in state or "epoch" not in state:
+        raise CheckpointError(
+            f"{path} holds weights only, not a training state; use it with --pretrained (initial weights) "
+            "or pass a vnet_checkpoint.pth.tar written by train.py to --resume"
+        )
+    return state
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.data:
         raise ConfigError("--data (or --data_path) is required: a LUNA16 tree or a Decathlon task folder")
+    # Flags and checkpoints first: a typo or an unusable file should not cost a normalisation pass.
+    if args.patch_size:
+        check_batchnorm(check_patch_size(parse_size(args.patch_size)), args.batchSz)
+    if args.val_patch_size:
+        check_patch_size(parse_size(args.val_patch_size, "--val_patch_size"), "--val_patch_size")
+    milestones = parse_milestones(args.lr_milestones)
+    if not 0.0 <= args.val_overlap < 1.0:
+        raise ConfigError(f"--val_overlap must lie in [0, 1), got {args.val_overlap}")
+    resume_state = read_resume_state(args.resume) if args.resume else None
+    pretrained = load_checkpoint(args.pretrained) if args.pretrained else None
     runtime = setup_runtime(args)
     dist, device = runtime.dist, runtime.device.device
     data_path = Path(args.data)
@@ -254,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     patch = check_patch_size(
         parse_size(args.patch_size) if args.patch_size else auto_patch(spec.kind, train_shapes)
     )
+    if not args.patch_size and args.batchSz * math.prod(p // 16 for p in patch) < 2:
+        # Volumes of at most 16 voxels per axis with one sample per process: a longer last axis (padded).
+        patch = (*patch[:2], 32)
+        runtime.print(f"note: patch {'x'.join(map(str, patch))} (BatchNorm needs two values per channel)")
     val_patch = check_patch_size(parse_size(args.val_patch_size, "--val_patch_size") if args.val_patch_size else patch,
                                  "--val_patch_size")  # fmt: skip
     spv = args.samples_per_volume or tiles_per_volume(np.max(np.asarray(train_shapes), axis=0), patch)
@@ -268,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     model = VNet(elu=args.elu, nll=True, skip_dropout=not args.no_skip_dropout,
                  checkpoint_stages=args.checkpoint_stages)  # fmt: skip
     reference_weights_init_(model)
-    if args.pretrained:
-        load_weights(model, args.pretrained)
+    if pretrained is not None:
+        load_weights(model, pretrained, name=args.pretrained)
     model = model.to(device)
     if args.compile:
         model = torch.compile(model)
@@ -282,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         fg = float(np.mean([reader(i)[1].mean() for i in train_idx[:64]]))
         loss_fn = CrossEntropyLoss(weight=[fg / (1 + fg), 1 - fg / (1 + fg)])
     optimizer = build_optimizer(args, model.parameters())
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, parse_milestones(args.lr_milestones), args.lr_decay
-    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, args.lr_decay)
     model, optimizer = runtime.amp.prepare(model, optimizer)
     model = dist.wrap(model, runtime.device)
 
@@ -308,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     run = TrainingRun(runtime, save_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
                       selection_key="dice_mean", network=NETWORK, batch_size=args.batchSz,
                       latest_name="vnet_checkpoint.pth.tar", best_name="vnet_model_best.pth.tar")  # fmt: skip
-    start_epoch = run.resume(args.resume)
+    start_epoch = run.resume(args.resume, state=resume_state)
+    resume_state = None  # the optimizer holds its own copy now
     total_steps = (args.nEpochs - start_epoch) * len(train_loader)
     if run.throughput.warmup_steps >= total_steps:
         run.throughput.warmup_steps = max(0, total_steps // 2)

@@ -70,3 +70,36 @@ def user_error(fn, *fragments: str, stderr=None) -> str:
     missing = [f for f in fragments if f not in message]
     assert not missing, f"message {message!r} lacks {missing}"
     return message
+
+
+# Variables an outer launcher (torchrun, a ModelZoo script, CI) may have set; a test's child process must
+# not inherit them, or it would join that job instead of starting its own.
+_LAUNCHER_PREFIXES = ("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "ASCEND_DEVICE")
+
+
+def child_env(threads: int | None = 1, **extra: str) -> dict[str, str]:
+    """The environment for a test's subprocess: this one without launcher variables, plus `extra`.
+
+    One torch thread by default: on two cores, a child with two threads beside the test process (or beside
+    its sibling rank) spends its time in spin-waits, and runs many times slower.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.update(extra)
+    return env
+
+
+def fake_device_python(folder: Path, devices: int) -> Path:
+    """A `PYTHON` for common/scripts/modelzoo.sh whose `-m common.device --count` reports `devices`
+    accelerators; every other command goes to the real interpreter."""
+    import sys
+
+    fake = Path(folder) / "python_with_fake_devices"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1 $2 $3" = "-m common.device --count" ]; then echo {int(devices)}; exit 0; fi\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    fake.chmod(0o755)
+    return fake

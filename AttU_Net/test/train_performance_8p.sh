@@ -10,12 +10,5 @@ batch_size=128
 epochs=5
 learning_rate=0.0016
 mode=perf
-demo_dataset=isic2018
-train_command() {
-    CMD=(main.py --mode=train --data_path="$data_path" --batch_size="$batch_size" --num_epochs="$epochs"
-        --lr="$learning_rate" --model_path="$MODELZOO_OUTPUT_DIR/models" --result_path="$MODELZOO_OUTPUT_DIR/result")
-    [ -z "$workers" ] || CMD+=(--num_workers="$workers")
-    [ -z "$pth_path" ] || CMD+=(--pth_path="$pth_path")
-}
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../../common/scripts/modelzoo.sh"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../../common/isic/modelzoo_case.sh"
 modelzoo_main "$@"

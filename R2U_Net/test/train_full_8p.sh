@@ -10,12 +10,5 @@ batch_size=128
 epochs=150
 learning_rate=0.0008
 mode=acc
-demo_dataset=isic2018
-train_command() {
-    CMD=(main.py --mode=train --data_path="$data_path" --batch_size="$batch_size" --num_epochs="$epochs"
-        --lr="$learning_rate" )
-    [ -z "$workers" ] || CMD+=(--num_workers="$workers")
-    [ -z "$pth_path" ] || CMD+=(--pth_path="$pth_path")
-}
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../../common/scripts/modelzoo.sh"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../../common/isic/modelzoo_case.sh"
 modelzoo_main "$@"

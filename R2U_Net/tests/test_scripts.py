@@ -5,7 +5,6 @@ networks run every convolution four times (t=3)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from common.demo_data import write_isic2018
 from common.summary import parse_summary
+from common.testing import child_env
 
 FOLDER = Path(__file__).resolve().parents[1]
 OUTPUT = FOLDER / "test" / "output"
@@ -23,18 +23,8 @@ PERF_ORDER = ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "Act
 TINY = ["--image_size=32", "--epochs=1", "--workers=0", "--warmup_steps=1"]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    }
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
-
-
 def run(command: list[str], cache: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=FOLDER, env=clean_env(MODELZOO_CACHE_DIR=str(cache), **env),
+    return subprocess.run(command, cwd=FOLDER, env=child_env(MODELZOO_CACHE_DIR=str(cache), **env),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 

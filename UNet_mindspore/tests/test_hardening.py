@@ -28,7 +28,7 @@ import torch
 
 from common.demo_data import write_isbi2012
 from common.errors import CheckpointError, DataError
-from common.testing import garble, truncate, user_error
+from common.testing import child_env, fake_device_python, garble, truncate, user_error
 
 FOLDER = Path(__file__).resolve().parents[1]
 REPO = FOLDER.parent
@@ -434,15 +434,7 @@ def test_cpu_only_machine_falls_back_to_gloo_ranks(tmp_path, demo, scripts, no_t
 
 def test_test_script_refuses_more_ranks_than_accelerators(tmp_path, demo):
     """common/scripts/modelzoo.sh's check, with `python -m common.device --count` faked to say 2."""
-    fake = tmp_path / "python3"
-    fake.write_text(
-        "#!/usr/bin/env bash\n"
-        'if [ "$1 $2 $3" = "-m common.device --count" ]; then echo 2; exit 0; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
-    fake.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELZOO_", "RANK", "WORLD_SIZE"))}
-    env.update(PYTHON=str(fake), RANK_SIZE="8")
+    env = child_env(threads=None, PYTHON=str(fake_device_python(tmp_path, 2)), RANK_SIZE="8")
     proc = subprocess.run(["bash", "test/train_full_8p.sh", f"--data_path={demo}"], cwd=FOLDER, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from common.checkpoint import load_checkpoint
 from common.demo_data import write_isbi2012
 from common.errors import CheckpointError, ConfigError
 from common.summary import parse_summary
+from common.testing import child_env
 
 FOLDER = Path(__file__).resolve().parents[1]
 OUTPUT = FOLDER / "test" / "output"
@@ -46,9 +46,7 @@ def load_script(name: str):
 
 
 def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "ASCEND_DEVICE"))}  # fmt: skip
-    clean.update(env)
+    clean = child_env(threads=None, **env)
     proc = subprocess.run(command, cwd=FOLDER, env=clean, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc

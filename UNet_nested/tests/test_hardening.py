@@ -33,7 +33,7 @@ from common.checkpoint import load_checkpoint
 from common.cli import run_main
 from common.engine import TrainingRun
 from common.errors import TrainingDiverged
-from common.testing import garble, truncate, user_error
+from common.testing import child_env, fake_device_python, garble, truncate, user_error
 
 FOLDER = Path(__file__).resolve().parents[1]
 REPO = FOLDER.parent
@@ -382,17 +382,8 @@ def test_more_ranks_than_devices_is_refused_by_the_script(tmp_path):
     (tmp_path / "repo" / "common").symlink_to(REPO / "common", target_is_directory=True)
     for path in [*FOLDER.glob("*.py"), *(FOLDER / "test").glob("*.sh")]:
         shutil.copy2(path, copy / path.relative_to(FOLDER))
-    fake = tmp_path / "fake_python"
-    fake.write_text(
-        '#!/usr/bin/env bash\nif [ "$1 $2 $3" = "-m common.device --count" ]; then echo 2; exit 0; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
-    fake.chmod(0o755)
     data = prepared(tmp_path / "data")
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD"))
-    }
-    env.update(RANK_SIZE="8", PYTHON=str(fake))
+    env = child_env(threads=None, RANK_SIZE="8", PYTHON=str(fake_device_python(tmp_path, 2)))
     proc = subprocess.run(["bash", "test/train_full_8p.sh", f"--data_path={data}"], cwd=copy, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0

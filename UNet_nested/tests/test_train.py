@@ -22,7 +22,7 @@ from PIL import Image
 from common.checkpoint import load_checkpoint, load_weights
 from common.errors import CheckpointError, ConfigError
 from common.summary import parse_summary
-from common.testing import shared_data_dir
+from common.testing import child_env, shared_data_dir
 
 FOLDER = Path(__file__).resolve().parents[1]
 TINY = ["--input_w=32", "--input_h=32"]
@@ -49,12 +49,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def run_script(folder: Path, name: str, *args: str, rank_size: int = 1) -> subprocess.CompletedProcess:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    }
-    env.update(RANK_SIZE=str(rank_size), OMP_NUM_THREADS="1")
+    env = child_env(RANK_SIZE=str(rank_size))
     return subprocess.run(["bash", f"test/{name}.sh", *args], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
 

@@ -4,7 +4,6 @@ volumes are 32^3 at 4 mm and each run takes a few steps)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from normalize_dataset import Settings, normalize_tree
 
 from common.demo_data import write_luna16
 from common.summary import parse_summary
+from common.testing import child_env
 
 FOLDER = Path(__file__).resolve().parents[1]
 OUTPUT = FOLDER / "test" / "output"
@@ -40,18 +40,8 @@ def luna(tmp_path_factory) -> Path:
     return root
 
 
-def _env(**extra: str) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    }
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
-
-
 def train(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=FOLDER, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=FOLDER, env=child_env(), capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -65,7 +55,7 @@ def clean_output():
 
 
 def script(name: str, *args: str, rank_size: int = 1) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", f"test/{name}", *args], cwd=FOLDER, env=_env(RANK_SIZE=str(rank_size)),
+    proc = subprocess.run(["bash", f"test/{name}", *args], cwd=FOLDER, env=child_env(RANK_SIZE=str(rank_size)),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.summary import parse_summary
+from common.testing import child_env
 
 TOY = Path(__file__).resolve().parent / "toy"
 SCRIPT = TOY / "test" / "train_full_8p.sh"
@@ -21,12 +21,7 @@ ORDER = ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "ActualFP
 
 def run_script(*args: str, cwd: Path = TOY, rank_size: int = 1, **env: str) -> subprocess.CompletedProcess:
     shutil.rmtree(OUTPUT, ignore_errors=True)
-    full_env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MODELZOO_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    }
-    full_env.update(RANK_SIZE=str(rank_size), OMP_NUM_THREADS="1", **env)
+    full_env = child_env(RANK_SIZE=str(rank_size), **env)
     return subprocess.run(
         ["bash", str(SCRIPT), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
     )
