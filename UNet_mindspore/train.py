@@ -16,7 +16,6 @@ import gc
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
@@ -39,6 +38,7 @@ from common.cli import (
     run_main,
     setup_runtime,
 )
+from common.clock import BASES, Clock
 from common.engine import Throughput, TrainingRun, evaluate, train_one_epoch
 from common.errors import CheckpointError, ConfigError
 from common.loader import build_loader, seed_everything
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after this many optimizer steps in all (0 = the full schedule; perf runs)")  # fmt: skip
     group.add_argument("--time_limit", type=non_negative_float, default=0.0,
                        help="train only the steps that fit in this many seconds (0 = no limit)")  # fmt: skip
-    group.add_argument("--time_limit_basis", choices=("wall", "cpu"), default="wall",
+    group.add_argument("--time_limit_basis", choices=BASES, default="wall",
                        help="seconds of wall clock, or CPU seconds per torch thread (a shared machine)")  # fmt: skip
     add_common_args(parser, seed=1, workers=4)
     # The original's static loss scale (FixedLossScaleManager 1024), used when --amp selects fp16.
@@ -227,33 +227,16 @@ def remove_stale_temporaries(save_dir: Path, runtime) -> None:
             runtime.print(f"removed {stale}: a checkpoint write that was interrupted")
 
 
-class TimeBudget:
+class TimeBudget(Clock):
     """--time_limit at step granularity: each epoch runs only the steps that fit the time left, judged by
     the mean time of the steps so far (checkpoints included); the ranks agree on the slowest estimate.
-
-    basis "wall" counts wall-clock seconds; "cpu" counts this process's CPU seconds divided by its torch
-    threads, i.e. seconds of the cores it was given (equal to wall time on an idle machine, and unaffected
-    by other jobs on a shared one).
+    The seconds are common.clock's: wall clock, or CPU seconds per torch thread on a shared machine.
     """
 
     def __init__(self, seconds: float, basis: str = "wall"):
+        super().__init__(basis)
         self.seconds = seconds
-        self.basis = basis
-        self.began_wall, self.began_cpu = time.monotonic(), self._cpu()
         self.steps = 0
-
-    @staticmethod
-    def _cpu() -> float:
-        return time.process_time() / max(1, torch.get_num_threads())
-
-    def wall(self) -> float:
-        return time.monotonic() - self.began_wall
-
-    def cpu(self) -> float:
-        return self._cpu() - self.began_cpu
-
-    def elapsed(self) -> float:
-        return self.cpu() if self.basis == "cpu" else self.wall()
 
     def exhausted(self) -> bool:
         return 0 < self.seconds <= self.elapsed()

@@ -4,7 +4,8 @@
 the natural unit; on a shared one (CI, a login node, agents running beside each other) other jobs steal
 the cores and wall time says little about the work done. The "cpu" basis counts this process's CPU
 seconds divided by its torch threads: the seconds of the cores it was given, equal to wall time when the
-machine is idle and unaffected by other jobs when it is not.
+machine is idle. On a loaded machine it errs on the short side (threads that wait for a busy core spin,
+and spinning counts as CPU time), so a budget met on that basis is met on an idle machine too.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from argument import parse_options, split_launcher_flags  # noqa: E402
 from run_AttU_Net import build_command, child_env  # noqa: E402
 
 from common.isic.losscurve import read_curve, write_curve  # noqa: E402
-from common.testing import child_env as test_env  # noqa: E402
+from common.testing import child_env as subprocess_env  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- launcher
 
@@ -54,7 +54,7 @@ def test_a_bad_flag_stops_before_torchrun_and_a_failing_child_sets_the_exit_code
     missing = tmp_path / "missing"
     proc = subprocess.run([sys.executable, str(RUN_SCRIPTS / "run_AttU_Net.py"), "--model_type", "U_Net",
                            "--nproc_per_node", "1", "--data_path", str(missing), "--lr", "0.003"],
-                          capture_output=True, text=True, env=test_env(), timeout=300)  # fmt: skip
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Executing command:" in proc.stdout and f"--data_path {missing} --lr 0.003" in proc.stdout
     assert "Command failed with exit code: 1" in proc.stdout
@@ -121,7 +121,7 @@ def test_ten_times_the_learning_rate_fails_the_curve_check(tmp_path, capsys):
 
 def _test_sh(*args: str, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(RUN_SCRIPTS / "test.sh"), *args], capture_output=True, text=True,
-                          env=test_env(OUT=str(out)), timeout=900)  # fmt: skip
+                          env=subprocess_env(OUT=str(out)), timeout=900)  # fmt: skip
 
 
 @pytest.mark.slow
