@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(name, *MODELS[name]) for name in MODELS]
     elif args.model_factory:
         channels = args.channels or 3
-        size = args.size or [96, 96]
+        size = args.size or [96]
+        size = size * 2 if len(size) == 1 else size  # one number: a square (give three for a 3-D model)
         jobs = [(args.model_factory, args.model_factory, json.loads(args.factory_kwargs), (channels, *size))]
     elif args.model:
         factory, kwargs, shape = MODELS[args.model]

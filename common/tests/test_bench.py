@@ -40,9 +40,11 @@ def test_every_model_is_measured(name):
 
 def test_cli_with_an_external_factory_prints_json_and_a_table(tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
-    main(["--model_factory", "common/tests/toy/train.py:ToyNet", "--channels", "1", "--size", "16", "16",
+    # one --size number means a square input, as for --model
+    main(["--model_factory", "common/tests/toy/train.py:ToyNet", "--channels", "1", "--size", "16",
           "--batch", "2", "--steps", "2", "--warmup", "1", "--amp", "O2", "--channels_last", "--json", str(out)])  # fmt: skip
     row = json.loads(out.read_text().splitlines()[0])
+    assert row["input_shape"] == [1, 16, 16]
     assert row["precision"] == "bf16" and row["channels_last"] and row["train_images_per_s"] > 0
     assert "train img/s" in capsys.readouterr().out
 
