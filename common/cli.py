@@ -209,6 +209,17 @@ def check_choice(name: str, value: str, valid: list[str] | tuple[str, ...]) -> s
     return value
 
 
+def status_of(task: Callable[[], object]) -> int:
+    """Run `task` for a main() that returns a status: 0, or 1 after one `[Error] ...` line for a
+    ModelZooError (a user's mistake). Anything else is a bug and propagates with its traceback."""
+    try:
+        task()
+    except ModelZooError as exc:
+        print(f"[Error] {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run an entry point; a ModelZooError becomes one clear `[Error] ...` line and exit status 2.
 

@@ -10,15 +10,14 @@ common.checkpoint does for any file). After writing, onnxruntime must agree with
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.cli import positive_int
-from common.errors import ConfigError, ModelZooError
+from common.cli import positive_int, status_of
+from common.errors import ConfigError
 from common.export import export_onnx, verify_onnx
 from common.isic.dataset import check_image_size
 from common.isic.solver import MODEL_TYPES, build_network, fit_weights
@@ -84,9 +83,4 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: Sequence[str] | None = None, defaults: Mapping[str, Any] | None = None,
          prog: str | None = None) -> int:  # fmt: skip
     args = build_parser(defaults, prog).parse_args(argv)
-    try:
-        run(args)
-    except ModelZooError as exc:
-        print(f"[Error] {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return status_of(lambda: run(args))

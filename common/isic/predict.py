@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from common.checkpoint import load_checkpoint
-from common.cli import positive_int
+from common.cli import positive_int, status_of
 from common.datacheck import format_problems
 from common.device import DEVICE_CHOICES, select_device
-from common.errors import ConfigError, DataError, ModelZooError
+from common.errors import ConfigError, DataError
 from common.imageio import read_image, read_mask
 from common.isic.dataset import check_image_size, preprocess
 from common.isic.prepare import GT_SUFFIX, read_header
@@ -126,9 +125,4 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: Sequence[str] | None = None, defaults: Mapping[str, Any] | None = None,
          prog: str | None = None) -> int:  # fmt: skip
     args = build_parser(defaults, prog).parse_args(argv)
-    try:
-        run(args)
-    except ModelZooError as exc:
-        print(f"[Error] {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return status_of(lambda: run(args))
