@@ -103,3 +103,21 @@ def fake_device_python(folder: Path, devices: int) -> Path:
     )
     fake.chmod(0o755)
     return fake
+
+
+class NaNLossAt:
+    """A training loss that turns NaN at chosen training calls (1-based; `nan_calls(n) -> bool`), for the
+    skipped-step and divergence tests; losses computed without gradients (validation) stay finite."""
+
+    def __init__(self, loss, nan_calls):
+        self.loss, self.nan_calls, self.calls = loss, nan_calls, 0
+
+    def __call__(self, outputs, targets):
+        value = self.loss(outputs, targets)
+        import torch
+
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.nan_calls(self.calls):
+                return value * float("nan")
+        return value

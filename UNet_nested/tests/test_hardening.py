@@ -33,7 +33,7 @@ from common.checkpoint import load_checkpoint
 from common.cli import run_main
 from common.engine import TrainingRun
 from common.errors import TrainingDiverged
-from common.testing import child_env, fake_device_python, garble, truncate, user_error
+from common.testing import NaNLossAt, child_env, fake_device_python, garble, truncate, user_error
 
 FOLDER = Path(__file__).resolve().parents[1]
 REPO = FOLDER.parent
@@ -593,21 +593,6 @@ def test_disk_full_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, cap
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
 
 
-class _NaNAt:
-    """The training loss, NaN at the given training calls (1-based); validation losses stay finite."""
-
-    def __init__(self, loss, nan_calls):
-        self.loss, self.nan_calls, self.calls = loss, nan_calls, 0
-
-    def __call__(self, outputs, targets):
-        value = self.loss(outputs, targets)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.nan_calls(self.calls):
-                return value * float("nan")
-        return value
-
-
 def test_nan_steps_are_skipped_and_counted_and_persistent_nan_stops_with_the_last_good_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
@@ -616,7 +601,7 @@ def test_nan_steps_are_skipped_and_counted_and_persistent_nan_stops_with_the_las
     data = prepared(tmp_path / "data")
     real_build = train.build_loss
     monkeypatch.setattr(
-        train, "build_loss", lambda name: _NaNAt(real_build(name), lambda n: n == 1 or n >= 3)
+        train, "build_loss", lambda name: NaNLossAt(real_build(name), lambda n: n == 1 or n >= 3)
     )
     args = [*FAULT_ARGS, "--data_path", str(data), "--models_dir", str(tmp_path / "models"), "-b", "2",
             "--max_skipped_steps", "2"]  # fmt: skip

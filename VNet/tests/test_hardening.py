@@ -36,7 +36,7 @@ from common.demo_data import write_luna16
 from common.engine import TrainingRun
 from common.errors import TrainingDiverged
 from common.imageio import Volume, read_volume, same_geometry, write_volume
-from common.testing import child_env, fake_device_python, garble, truncate, user_error
+from common.testing import NaNLossAt, child_env, fake_device_python, garble, truncate, user_error
 
 FOLDER = Path(__file__).resolve().parents[1]
 REPO = FOLDER.parent
@@ -715,21 +715,6 @@ def test_disk_full_keeps_the_previous_checkpoint_and_stops_clearly(trained, tmp_
     assert not [p.name for p in save.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
 
 
-class _NaNAt:
-    """The training loss, NaN at the given training calls (1-based); validation losses stay finite."""
-
-    def __init__(self, loss, nan_calls):
-        self.loss, self.nan_calls, self.calls = loss, nan_calls, 0
-
-    def __call__(self, outputs, targets):
-        value = self.loss(outputs, targets)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.nan_calls(self.calls):
-                return value * float("nan")
-        return value
-
-
 def test_nan_steps_are_skipped_and_counted_and_persistent_nan_stops_with_the_last_good_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
@@ -737,7 +722,9 @@ def test_nan_steps_are_skipped_and_counted_and_persistent_nan_stops_with_the_las
     with --max_skipped_steps 2 the run stops in epoch 2 with TrainingDiverged and keeps epoch 1's checkpoint."""
     data = msd_tree(tmp_path / "task", n=3, shape=SMALL)
     real = train.TwoClassDiceLoss
-    monkeypatch.setattr(train, "TwoClassDiceLoss", lambda **k: _NaNAt(real(**k), lambda n: n == 1 or n >= 3))
+    monkeypatch.setattr(
+        train, "TwoClassDiceLoss", lambda **k: NaNLossAt(real(**k), lambda n: n == 1 or n >= 3)
+    )
     args = [*TINY, "--data", str(data), "--save", str(tmp_path / "save"), "--nEpochs", "2", "--opt", "sgd",
             "--momentum", "0", "--val_fraction", "0.34", "--samples_per_volume", "2", "--max_skipped_steps", "2"]  # fmt: skip
     with pytest.raises(TrainingDiverged, match="2 optimizer steps in a row had non-finite gradients"):
