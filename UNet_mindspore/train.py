@@ -29,6 +29,7 @@ from src.utils import StepLossTimeMonitor, UnetMetrics, keep_named_checkpoint, n
 from common.checkpoint import load_checkpoint, load_weights
 from common.cli import (
     add_common_args,
+    apply_conv_flag,
     describe_config,
     non_negative_float,
     non_negative_int,
@@ -288,6 +289,7 @@ def train_fold(
     model = UNetMedical(n_channels=args.num_channels, n_classes=args.num_classes).to(runtime.device.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = apply_conv_flag(runtime, model)
     fused = runtime.device.kind in ("cpu", "cuda") and runtime.amp.backend != "apex"
     optimizer = build_adam(model, args.lr, args.weight_decay, fused)
     model, optimizer = runtime.amp.prepare(model, optimizer)

@@ -43,6 +43,7 @@ from common.cache import default_cache_dir
 from common.checkpoint import load_checkpoint, load_weights
 from common.cli import (
     add_common_args,
+    apply_conv_flag,
     describe_config,
     non_negative_int,
     positive_float,
@@ -410,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(runtime.device.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = apply_conv_flag(runtime, model)
     base_loss = build_loss(args.loss)
     loss_fn = DeepSupervisionLoss(base_loss) if args.deep_supervision else base_loss
     if args.evaluate:

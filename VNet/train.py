@@ -46,6 +46,7 @@ from vnet import VNet, reference_weights_init_
 from common.checkpoint import load_checkpoint, load_weights
 from common.cli import (
     add_common_args,
+    apply_conv_flag,
     describe_config,
     non_negative_float,
     non_negative_int,
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_weights_init_(model)
     if pretrained is not None:
         load_weights(model, pretrained, name=args.pretrained)
-    model = model.to(device)
+    model = apply_conv_flag(runtime, model.to(device))
     if args.compile:
         model = torch.compile(model)
     if args.loss == "dice":

@@ -7,7 +7,8 @@
 For each configuration it measures, with the device synchronised around every timed step:
 
 * training images/s: batch / median step time (zero_grad, forward, loss, backward, optimizer step) over
-  the steps after `--warmup` (torch.compile's compilation falls in the warm-up and is reported apart);
+  the steps after `--warmup` (torch.compile's compilation and `--conv_algo auto`'s per-layer timing fall
+  in the first warm-up step, reported apart as `compile_seconds`);
 * inference images/s: the same for a no-grad forward in eval mode;
 * data-wait fraction: time blocked on a DataLoader of pre-generated pinned tensors, over the step time
   (the loader machinery's own cost; real datasets report theirs in each run's summary.json);
@@ -39,6 +40,7 @@ import torch
 
 from common.device import DeviceInfo, select_device
 from common.errors import ConfigError
+from common.winograd import ALGOS, apply_conv_algo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,6 +127,7 @@ class BenchResult:
     precision: str
     channels_last: bool
     compile: bool
+    conv_algo: str
     train_images_per_s: float | None
     train_step_ms_median: float | None
     infer_images_per_s: float | None
@@ -198,6 +201,7 @@ def run_benchmark(
     precision: str = "fp32",
     channels_last: bool = False,
     compile_model: bool = False,
+    conv_algo: str = "direct",
     steps: int = 10,
     warmup: int = 3,
     inference: bool = True,
@@ -224,6 +228,8 @@ def run_benchmark(
     flops = _count_flops(
         model, torch.randn(batch, *input_shape, device=dev).contiguous(memory_format=memory_format)
     )
+    # After the FLOP count: it counts the convolutions the network defines, whatever algorithm runs them.
+    apply_conv_algo(model, conv_algo)
     runner = torch.compile(model) if compile_model else model
     samples = torch.randn(batch * 2, *input_shape)
     loader = torch.utils.data.DataLoader(
@@ -257,7 +263,7 @@ def run_benchmark(
             optimizer.step()
         device.synchronize()
         t2 = time.perf_counter()
-        if i == 0 and compile_model:
+        if i == 0 and (compile_model or conv_algo == "auto"):
             compile_seconds = t2 - t0
         if i >= warmup:
             times.append(t2 - t0)
@@ -288,6 +294,7 @@ def run_benchmark(
         precision=precision,
         channels_last=memory_format == torch.channels_last,
         compile=compile_model,
+        conv_algo=conv_algo,
         train_images_per_s=batch / step,
         train_step_ms_median=step * 1000,
         infer_images_per_s=infer_rate,
@@ -307,13 +314,13 @@ def run_benchmark(
 
 
 def format_table(results: list[BenchResult]) -> str:
-    header = f"{'model':<14}{'batch':>6}  {'input':<14}{'prec':<6}{'CL':<4}{'cmp':<5}{'train img/s':>12}{'infer img/s':>12}{'wait':>7}{'TFLOP/s':>9}{'mem MB':>9}"
+    header = f"{'model':<14}{'batch':>6}  {'input':<14}{'prec':<6}{'CL':<4}{'cmp':<5}{'conv':<9}{'train img/s':>12}{'infer img/s':>12}{'wait':>7}{'TFLOP/s':>9}{'mem MB':>9}"
     rows = [header, "-" * len(header)]
     for r in results:
         shape = "x".join(map(str, r.input_shape))
         rows.append(
             f"{r.model:<14}{r.batch:>6}  {shape:<14}{r.precision:<6}{'y' if r.channels_last else 'n':<4}"
-            f"{'y' if r.compile else 'n':<5}{r.train_images_per_s or 0:>12.2f}{r.infer_images_per_s or 0:>12.2f}"
+            f"{'y' if r.compile else 'n':<5}{r.conv_algo:<9}{r.train_images_per_s or 0:>12.2f}{r.infer_images_per_s or 0:>12.2f}"
             f"{(r.data_wait_fraction or 0) * 100:>6.1f}%{r.achieved_tflops or 0:>9.3f}"
             f"{(r.peak_device_mem_mb or r.peak_host_rss_mb):>9.0f}"
         )
@@ -344,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp_dtype", choices=("auto", "bf16", "fp16"), default="auto")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--conv_algo", choices=ALGOS, default="direct",
+        help="3x3 convolutions on CPU: direct (oneDNN), winograd (F(4x4,3x3)), auto (time both per layer)",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -381,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch or SWEEP_BATCH.get(name, 4)
         result = run_benchmark(
             name, load_factory(factory), kwargs, tuple(shape), batch=batch, device=device, precision=precision,
-            channels_last=args.channels_last, compile_model=args.compile, steps=args.steps, warmup=args.warmup,
+            channels_last=args.channels_last, compile_model=args.compile, conv_algo=args.conv_algo, steps=args.steps, warmup=args.warmup,
             inference=not args.no_inference, workers=args.workers, peak_tflops=args.peak_tflops,
         )  # fmt: skip
         line = json.dumps(asdict(result))

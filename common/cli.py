@@ -23,6 +23,8 @@ from common.device import DEVICE_CHOICES, DeviceInfo, make_deterministic, select
 from common.distributed import DistContext, init_distributed, modelzoo_env_to_torchrun
 from common.errors import ConfigError, ModelZooError
 from common.loader import seed_everything
+from common.winograd import ALGOS as CONV_ALGOS
+from common.winograd import apply_conv_algo
 
 
 def positive_int(text: str) -> int:
@@ -124,6 +126,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, seed: int = 1, workers: 
     group.add_argument(
         "--compile", action="store_true", help="torch.compile the model (slow start, faster steps)"
     )
+    group.add_argument(
+        "--conv_algo", "--conv-algo", dest="conv_algo", default="direct", choices=CONV_ALGOS,
+        help="3x3 convolutions on CPU: direct (oneDNN), winograd (F(4x4,3x3)), or auto: time both per "
+        "layer shape at first use and keep the faster (a long CPU run's choice; not with --deterministic)",
+    )  # fmt: skip
     group.add_argument("--log_interval", type=positive_int, default=10, help="steps between step log lines")
     group.add_argument("--warmup_steps", type=non_negative_int, default=5, help="steps excluded from FPS")
 
@@ -155,6 +162,11 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
             f"--world_size {args.world_size} ignored: the launcher started {ctx.world_size} ranks",
             stacklevel=2,
         )
+    if args.deterministic and getattr(args, "conv_algo", "direct") == "auto":
+        raise ConfigError(
+            "--conv_algo auto chooses by timing, so two runs may choose differently; with --deterministic "
+            "use --conv_algo direct or winograd"
+        )
     if args.deterministic:
         make_deterministic(device)
     if os.environ.get("ALLOW_HF32") == "1" and device.kind == "npu":
@@ -171,6 +183,26 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         max_consecutive_skips=args.max_skipped_steps,
     )
     return Runtime(device=device, dist=ctx, amp=amp, args=args)
+
+
+def apply_conv_flag(runtime: Runtime, model: torch.nn.Module) -> torch.nn.Module:
+    """Apply `--conv_algo` to the model's 3x3 convolutions (before DDP or compile wrap it) and say so."""
+    algo = getattr(runtime.args, "conv_algo", "direct")
+    if algo == "direct":
+        return model
+    if runtime.device.kind != "cpu":
+        runtime.print(
+            f"Convolutions: --conv_algo {algo} is for CPU runs; {runtime.device.kind} keeps its vendor "
+            "library's choice (which already includes Winograd kernels)"
+        )
+        return model
+    count = apply_conv_algo(model, algo)
+    if count == 0:
+        runtime.print(f"Convolutions: --conv_algo {algo} finds no 2-D 3x3 convolution here; all run direct")
+        return model
+    note = "; autocast regions run them direct" if runtime.amp.enabled else ""
+    runtime.print(f"Convolutions: {algo} for {count} 3x3 convolutions (Winograd F(4x4,3x3) on CPU){note}")
+    return model
 
 
 def describe_config(runtime: Runtime, extra: dict | None = None) -> dict:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from common.checkpoint import (
+    link_checkpoint,
     load_checkpoint,
     load_weights,
     rng_state,
@@ -434,7 +435,7 @@ class TrainingRun:
             state = self.state_dict(epoch + 1)
             save_checkpoint(state, self.latest_path)
             if improved:
-                save_checkpoint(state, self.best_path)
+                link_checkpoint(self.latest_path, self.best_path)
             self._plot(final=False)
         return improved
 

@@ -165,6 +165,45 @@ def test_resume_continues_exactly(tmp_path, restore_determinism, monkeypatch):
     )
 
 
+def test_winograd_convolutions_train_the_same_network(tmp_path, restore_determinism, monkeypatch, capsys):
+    """--conv_algo winograd changes how the 3x3 convolutions are computed, not what: two epochs end
+    with the weights of the direct run up to fp32 rounding, in a checkpoint with the same keys. (SGD:
+    Adam would turn the rounding noise in the near-zero gradients of pre-BatchNorm biases into full
+    lr-sized steps.)"""
+    for key in [k for k in os.environ if k.startswith("MODELZOO_")]:
+        monkeypatch.delenv(key)
+    data = _prepared(tmp_path / "data", n=6)
+    common = [
+        "--data_path",
+        str(data),
+        *TINY,
+        "-b",
+        "4",
+        "--epochs",
+        "2",
+        "--deterministic",
+        "--optimizer",
+        "SGD",
+    ]
+    assert train.main([*common, "--models_dir", str(tmp_path / "direct")]) == 0
+    assert train.main([*common, "--models_dir", str(tmp_path / "wino"), "--conv_algo", "winograd"]) == 0
+    assert "Convolutions: winograd for 18 3x3 convolutions" in capsys.readouterr().out
+    name = "data_UNet_woDS"
+    direct = load_checkpoint(tmp_path / "direct" / name / "checkpoint.pth.tar")["state_dict"]
+    wino = load_checkpoint(tmp_path / "wino" / name / "checkpoint.pth.tar")["state_dict"]
+    assert list(direct) == list(wino)
+    changed = 0
+    for key, value in direct.items():
+        torch.testing.assert_close(wino[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        changed += not torch.equal(wino[key], value)
+    assert changed > 0  # the other algorithm really ran
+
+
+def test_auto_convolutions_are_refused_with_deterministic():
+    with pytest.raises(ConfigError, match="--conv_algo auto chooses by timing"):
+        train.main(["--data_path", "/nonexistent", "--conv_algo", "auto", "--deterministic"])
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -38,6 +38,7 @@ from common.checkpoint import load_checkpoint, load_weights, unwrap_model
 from common.cli import (
     Runtime,
     add_common_args,
+    apply_conv_flag,
     describe_config,
     non_negative_int,
     positive_float,
@@ -403,6 +404,7 @@ def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
     model = session.network()
     resume_from_pth = _load_start_weights(session, model, resume_state, pth_state)
     del resume_state, pth_state  # run.resume reads the file again; do not hold two copies
+    model = apply_conv_flag(runtime, model)
     optimizer = build_optimizer(model, args, runtime)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(epoch, args.num_epochs, args.num_epochs_decay)

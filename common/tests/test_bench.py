@@ -54,3 +54,15 @@ def test_bad_factories_are_clear():
         load_factory("no_colon")
     with pytest.raises(ConfigError, match="does not exist"):
         load_factory("nowhere/missing.py:Net")
+
+
+def test_conv_algo_auto_is_measured_with_its_selection_time_apart(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    for algo in ("direct", "auto"):
+        main(["--model", "UNet", "--size", "16", "--batch", "2", "--steps", "1", "--warmup", "1",
+              "--no_inference", "--conv_algo", algo, "--json", str(out)])  # fmt: skip
+    direct, auto = (json.loads(line) for line in out.read_text().splitlines())
+    assert auto["conv_algo"] == "auto" and auto["compile_seconds"] > 0 and auto["train_images_per_s"] > 0
+    assert direct["compile_seconds"] is None
+    # FLOPs are the network's convolutions, whichever algorithm runs them
+    assert auto["train_gflop_per_step"] == direct["train_gflop_per_step"] > 0

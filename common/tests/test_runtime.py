@@ -196,6 +196,39 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == original and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_link_checkpoint_keeps_its_version_when_the_source_is_saved_again(tmp_path):
+    latest, best = tmp_path / "checkpoint.pth.tar", tmp_path / "model_best.pth.tar"
+    ckpt.save_checkpoint({"epoch": 1}, latest)
+    ckpt.link_checkpoint(latest, best)
+    ckpt.save_checkpoint({"epoch": 2}, latest)
+    assert ckpt.load_checkpoint(best)["epoch"] == 1 and ckpt.load_checkpoint(latest)["epoch"] == 2
+    ckpt.link_checkpoint(latest, best)  # replaces the older best
+    assert ckpt.load_checkpoint(best)["epoch"] == 2 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_link_checkpoint_copies_where_hard_links_fail_and_keeps_the_old_file_on_error(tmp_path, monkeypatch):
+    latest, best = tmp_path / "checkpoint.pth.tar", tmp_path / "model_best.pth.tar"
+    ckpt.save_checkpoint({"epoch": 1}, latest)
+    ckpt.save_checkpoint({"epoch": 0}, best)
+
+    def no_links(*_a, **_k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(ckpt.os, "link", no_links)
+    ckpt.link_checkpoint(latest, best)
+    assert ckpt.load_checkpoint(best)["epoch"] == 1 and best.stat().st_ino != latest.stat().st_ino
+    original = best.read_bytes()
+    ckpt.save_checkpoint({"epoch": 2}, latest)
+
+    def full_disk(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.shutil, "copyfileobj", full_disk)
+    with pytest.raises(CheckpointError, match="model_best.pth.tar: no space left on device.*intact"):
+        ckpt.link_checkpoint(latest, best)
+    assert best.read_bytes() == original and not list(tmp_path.glob(".*.tmp"))
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch pwned_by_checkpoint",))
