@@ -121,3 +121,71 @@ class NaNLossAt:
             if self.nan_calls(self.calls):
                 return value * float("nan")
         return value
+
+
+# The child of `start_killed_training`: `train.main(args)` of a model folder, SIGKILLed at a chosen moment.
+_KILLED_TRAINING = """
+import io, os, signal, sys
+folder, repo, moment, threads, loss_factory = sys.argv[1:6]
+sys.path[:0] = [folder, repo]
+import torch
+torch.set_num_threads(int(threads))  # the same as the test process: bitwise equal results
+import train
+from common.engine import TrainingRun
+TrainingRun._plot = lambda self, final: None  # as in the test process
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if moment == "mid_epoch":  # killed while computing epoch 2's loss: its data loaded, its step half done
+    real = getattr(train, loss_factory)
+    calls = [0]
+    def build(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        def counted(outputs, targets):
+            if torch.is_grad_enabled():
+                calls[0] += 1
+                if calls[0] == 2:
+                    die()
+            return loss(outputs, targets)
+        return counted
+    setattr(train, loss_factory, build)
+else:  # killed after half of epoch 2's checkpoint reached the disk
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            die()
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
+sys.exit(train.main(sys.argv[6:]))
+"""
+
+
+def start_killed_training(folder: Path, moment: str, loss_factory: str, args: list[str], cwd: Path):
+    """Start `folder`'s `train.main(args)` in a process that SIGKILLs itself at `moment`: "mid_epoch" (in
+    the second training step's loss; `loss_factory` names the attribute of train.py that builds the loss,
+    for one step per epoch) or "mid_write" (after half of epoch 2's checkpoint reached the disk).
+
+    Returns the running `subprocess.Popen` (stdout and stderr together, as text); the crash-safety tests
+    then check that the last good checkpoint survives and `--resume` ends where an uninterrupted run does.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+    if moment not in ("mid_epoch", "mid_write"):
+        raise ValueError(f"moment must be mid_epoch or mid_write, got {moment!r}")
+    runner = Path(cwd) / f"killed_training_{moment}.py"
+    runner.write_text(_KILLED_TRAINING)
+    command = [sys.executable, str(runner), str(folder), str(REPO_ROOT), moment, str(torch.get_num_threads()),
+               loss_factory, *args]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELZOO_")}
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )

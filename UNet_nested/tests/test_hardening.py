@@ -33,7 +33,15 @@ from common.checkpoint import load_checkpoint
 from common.cli import run_main
 from common.engine import TrainingRun
 from common.errors import TrainingDiverged
-from common.testing import NaNLossAt, child_env, fake_device_python, garble, truncate, user_error
+from common.testing import (
+    NaNLossAt,
+    child_env,
+    fake_device_python,
+    garble,
+    start_killed_training,
+    truncate,
+    user_error,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 REPO = FOLDER.parent
@@ -615,58 +623,9 @@ def test_nan_steps_are_skipped_and_counted_and_persistent_nan_stops_with_the_las
     assert "Epoch [1/2]" in out and "Epoch [2/2]" not in out
 
 
-RUNNER = """
-import io, os, signal, sys
-folder, repo, mode, threads = sys.argv[1:5]
-sys.path[:0] = [folder, repo]
-import torch
-torch.set_num_threads(int(threads))  # the same as the test process: bitwise equal results
-import train
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-from common.engine import TrainingRun
-TrainingRun._plot = lambda self, final: None  # as in the test process
-
-if mode == "mid_epoch":  # killed while computing epoch 2's loss: its data loaded, its step half done
-    real_build = train.build_loss
-    calls = [0]
-    def build(name):
-        loss = real_build(name)
-        def counted(outputs, targets):
-            if torch.is_grad_enabled():
-                calls[0] += 1
-                if calls[0] == 2:
-                    die()
-            return loss(outputs, targets)
-        return counted
-    train.build_loss = build
-else:  # killed after half of epoch 2's checkpoint reached the disk
-    real_save = torch.save
-    def save(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("epoch") == 2:
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            die()
-        return real_save(obj, f, *args, **kwargs)
-    torch.save = save
-sys.exit(train.main(sys.argv[5:]))
-"""
-
-
 def _killed_run(tmp: Path, data: Path, moment: str) -> tuple[subprocess.Popen, list[str]]:
-    runner = tmp / "runner.py"
-    runner.write_text(RUNNER)
     args = [*KILL_ARGS, "--data_path", str(data), "--models_dir", str(tmp / "models")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELZOO_")}
-    proc = subprocess.Popen([sys.executable, str(runner), str(FOLDER), str(REPO), moment, str(torch.get_num_threads()),
-                             *args], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-    return proc, args
+    return start_killed_training(FOLDER, moment, "build_loss", args, cwd=tmp), args
 
 
 # SGD with momentum: a training state with an optimizer buffer, at 2/3 of Adam's checkpoint size.

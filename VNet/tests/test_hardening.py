@@ -36,7 +36,15 @@ from common.demo_data import write_luna16
 from common.engine import TrainingRun
 from common.errors import TrainingDiverged
 from common.imageio import Volume, read_volume, same_geometry, write_volume
-from common.testing import NaNLossAt, child_env, fake_device_python, garble, truncate, user_error
+from common.testing import (
+    NaNLossAt,
+    child_env,
+    fake_device_python,
+    garble,
+    start_killed_training,
+    truncate,
+    user_error,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 REPO = FOLDER.parent
@@ -737,47 +745,6 @@ def test_nan_steps_are_skipped_and_counted_and_persistent_nan_stops_with_the_las
     assert "Loss: nan" in out and "Train Epoch: 1.00" in out and "Train Epoch: 1.50" not in out  # stopped
 
 
-RUNNER = """
-import io, os, signal, sys
-folder, repo, mode, threads = sys.argv[1:5]
-sys.path[:0] = [folder, repo]
-import torch
-torch.set_num_threads(int(threads))  # the same as the test process: bitwise equal results
-import train
-from common.engine import TrainingRun
-TrainingRun._plot = lambda self, final: None  # as in the test process
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-if mode == "mid_epoch":  # killed while computing epoch 2's loss: its data loaded, its step half done
-    real = train.TwoClassDiceLoss
-    calls = [0]
-    def build(**kwargs):
-        loss = real(**kwargs)
-        def counted(outputs, targets):
-            if torch.is_grad_enabled():
-                calls[0] += 1
-                if calls[0] == 2:
-                    die()
-            return loss(outputs, targets)
-        return counted
-    train.TwoClassDiceLoss = build
-else:  # killed after half of epoch 2's checkpoint reached the disk
-    real_save = torch.save
-    def save(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("epoch") == 2:
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            die()
-        return real_save(obj, f, *args, **kwargs)
-    torch.save = save
-sys.exit(train.main(sys.argv[5:]))
-"""
-
 # One training step per epoch (1 training case, 1 patch), deterministic kernels; SGD without momentum halves
 # the checkpoint (the exact resume of an optimizer's state is test_train.py's, with Adam).
 KILL_ARGS = [*TINY, "--nEpochs", "2", "--opt", "sgd", "--momentum", "0", "--val_fraction", "0.5",
@@ -791,15 +758,10 @@ def killed_runs(tmp_path_factory):
     Returns the reference's final state and, per moment, (return code, output, flags, save folder)."""
     root = tmp_path_factory.mktemp("killed")
     data = msd_tree(root / "task", n=2, shape=SMALL)
-    runner = root / "runner.py"
-    runner.write_text(RUNNER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELZOO_")}
     runs = {}
     for moment in ("mid_epoch", "mid_write"):
         args = [*KILL_ARGS, "--data", str(data), "--save", str(root / moment)]
-        proc = subprocess.Popen([sys.executable, str(runner), str(FOLDER), str(REPO), moment,
-                                 str(torch.get_num_threads()), *args], cwd=root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = start_killed_training(FOLDER, moment, "TwoClassDiceLoss", args, cwd=root)
         runs[moment] = (proc, args, root / moment)
     saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("MODELZOO_")]}
     try:
