@@ -26,7 +26,7 @@ from src.loss import CrossEntropyWithLogits
 from src.unet import UNetMedical, check_input_size, output_size
 from src.utils import StepLossTimeMonitor, UnetMetrics, keep_named_checkpoint, named_checkpoints
 
-from common.checkpoint import load_checkpoint, load_weights
+from common.checkpoint import load_checkpoint, load_weights, remove_interrupted_writes
 from common.cli import (
     add_common_args,
     apply_conv_flag,
@@ -215,17 +215,15 @@ def resume(run: TrainingRun, path: Path | None, state: object, training_state: b
     return 0
 
 
-STALE_PATTERNS = (f".{LATEST}.*.tmp", ".model_best.pth.tar.*.tmp", ".ckpt_unet_medical_adam-*.pth.tmp")
+CHECKPOINT_NAMES = (LATEST, "model_best.pth.tar", "ckpt_unet_medical_adam-*.pth")
 
 
 def remove_stale_temporaries(save_dir: Path, runtime) -> None:
     """Temporary checkpoint files of a run killed while writing (each as large as a checkpoint)."""
     if not runtime.is_main or not save_dir.is_dir():
         return
-    for pattern in STALE_PATTERNS:
-        for stale in save_dir.glob(pattern):
-            stale.unlink(missing_ok=True)
-            runtime.print(f"removed {stale}: a checkpoint write that was interrupted")
+    for stale in remove_interrupted_writes(save_dir, CHECKPOINT_NAMES):
+        runtime.print(f"removed {stale}: a checkpoint write that was interrupted")
 
 
 class TimeBudget(Clock):

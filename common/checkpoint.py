@@ -98,6 +98,20 @@ def link_checkpoint(source: str | Path, path: str | Path) -> Path:
     return path
 
 
+def remove_interrupted_writes(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files that a run killed mid-write left in `folder` (they are never read).
+
+    `save_checkpoint` and `link_checkpoint` write `.<name>.<random>.tmp` and rename it over `<name>`, so
+    the checkpoint itself is intact. `names` are the checkpoint names (globs allowed) to look for.
+    """
+    removed = []
+    for name in names:
+        for leftover in sorted(Path(folder).glob(f".{name}.*.tmp")):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
 def _damaged_member(path: Path) -> str | None:
     """For torch's zip format: the first member whose CRC-32 does not match, or None (also for the legacy
     non-zip format, which torch.load checks itself)."""

@@ -154,6 +154,11 @@ class Runtime:
 
 def setup_runtime(args: argparse.Namespace) -> Runtime:
     """Device first (HCCL/NCCL bind to the current device), then the process group, seeds and precision."""
+    if args.deterministic and getattr(args, "conv_algo", "direct") == "auto":
+        raise ConfigError(
+            "--conv_algo auto chooses by timing, so two runs may choose differently; with --deterministic "
+            "use --conv_algo direct or winograd"
+        )
     modelzoo_env_to_torchrun()
     device = select_device(args.device, args.device_id)
     ctx = init_distributed(device, timeout_s=args.dist_timeout)
@@ -161,11 +166,6 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         warnings.warn(
             f"--world_size {args.world_size} ignored: the launcher started {ctx.world_size} ranks",
             stacklevel=2,
-        )
-    if args.deterministic and getattr(args, "conv_algo", "direct") == "auto":
-        raise ConfigError(
-            "--conv_algo auto chooses by timing, so two runs may choose differently; with --deterministic "
-            "use --conv_algo direct or winograd"
         )
     if args.deterministic:
         make_deterministic(device)

@@ -23,15 +23,14 @@ Metrics (every name says what it is):
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from common.checkpoint import link_checkpoint
 from common.engine import EpochStats, StepInfo
 from common.metrics import SegmentationMetrics, confusion_counts, hd95, per_image_scores
 
@@ -196,17 +195,9 @@ def keep_named_checkpoint(
 ) -> Path:
     """Give the checkpoint just written (`latest`) its MindSpore name and keep only the newest `keep_max`.
 
-    A hard link costs no space or time; the training state file is replaced (never rewritten in place)
-    at the next epoch, so the link keeps this epoch's contents. Falls back to a copy where links fail.
+    A hard link (common.checkpoint.link_checkpoint: no space or time; a copy where links fail).
     """
-    target = Path(folder) / checkpoint_name(epoch, step)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(latest, tmp)
-    except OSError:
-        shutil.copyfile(latest, tmp)
-    os.replace(tmp, target)
+    target = link_checkpoint(latest, Path(folder) / checkpoint_name(epoch, step))
     if keep_max > 0:
         for old in named_checkpoints(folder)[:-keep_max]:
             old.unlink(missing_ok=True)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from common.checkpoint import load_checkpoint, load_weights, unwrap_model
+from common.checkpoint import load_checkpoint, load_weights, remove_interrupted_writes, unwrap_model
 from common.cli import (
     Runtime,
     add_common_args,
@@ -323,20 +323,6 @@ def fit_weights(model: torch.nn.Module, state: Any, path: str | Path) -> None:
         raise CheckpointError(message) from None
 
 
-def remove_interrupted_writes(save_dir: Path) -> list[Path]:
-    """Delete the temporary files of checkpoint writes that a killed run left behind (they are never read).
-
-    common.checkpoint.save_checkpoint writes `.<name>.<random>.tmp` and renames it over `<name>`; a run
-    killed mid-write leaves the temporary file and an intact `<name>`.
-    """
-    removed = []
-    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
-        for leftover in save_dir.glob(f".{name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
-            removed.append(leftover)
-    return removed
-
-
 def _is_training_state(state: Any) -> bool:
     return isinstance(state, dict) and "optimizer" in state and "epoch" in state
 
@@ -414,7 +400,9 @@ def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
     if args.compile:
         model = torch.compile(model)
     if runtime.is_main:
-        for leftover in remove_interrupted_writes(session.save_dir):
+        for leftover in remove_interrupted_writes(
+            session.save_dir, ("checkpoint.pth.tar", "model_best.pth.tar")
+        ):
             log(f"Removed {leftover}, left by a run killed while writing a checkpoint")
     curve_config = session.curve_config()
     config = describe_config(runtime, extra={"prepared_data": str(session.root), "curve": curve_config})
