@@ -36,6 +36,7 @@ from src.utils import CELL, MEMBRANE, UnetMetrics
 
 from common.checkpoint import load_checkpoint, load_weights
 from common.cli import add_common_args, positive_int, run_main, setup_runtime
+from common.datacheck import SKIPPED_LIST, skipped_count, skipped_note, write_skipped_list
 from common.errors import ConfigError
 from common.imageio import write_tiff_stack
 from common.plots import save_overlays
@@ -117,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     if runtime.dist.world_size > 1:
         raise ConfigError("eval.py runs on one device; start it without torchrun")
     # Every input is read and checked before the model is built or anything is written.
-    data = load_train_data(args.data_url)
+    data = load_train_data(args.data_url, skip_bad=args.skip_bad_samples)
     for note in data.label_notes:
         print(f"warning: {note}", flush=True)
+    out_dir = Path(args.output_dir)
+    # The list goes beside this evaluation's summary (written at the end, with the other results).
+    notes = [skipped_note(data.skipped, out_dir / SKIPPED_LIST)] if data.skipped else []
+    for note in notes:
+        print(note, flush=True)
     test_volume = Path(args.test_volume) if args.test_volume else find_test_volume(args.data_url)
     test_pages = load_test_pages(test_volume) if args.predict_test and test_volume is not None else None
     state = load_checkpoint(args.ckpt_path)
@@ -162,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         f"hard Dice of the cell interior: {result['hard_dice_cell']:.4f}",
         flush=True,
     )
-    out_dir = Path(args.output_dir)
     save_overlays(pictures, preds, targets, [f"val_page{n}" for n in val_set.names], out_dir / "overlays",
                   args.max_overlays)  # fmt: skip
     details = {
@@ -192,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         "HardDiceMembrane": f"{result['hard_dice_membrane']:.4f}",
         "HD95Membrane": f"{result['hd95_membrane']:.2f}",
     }
-    write_summary(target, RunSummary(train_accuracy=result["dice_coeff"], extra_lines=extra, details=details))
+    if data.skipped:
+        write_skipped_list(out_dir, data.skipped)
+    else:  # a list left by an earlier evaluation would contradict this one's summary
+        (out_dir / SKIPPED_LIST).unlink(missing_ok=True)
+    summary = RunSummary(train_accuracy=result["dice_coeff"], extra_lines=extra, details=details, notes=notes,
+                         skipped_samples=skipped_count(data.skipped))  # fmt: skip
+    write_summary(target, summary)
     print(f"Summary: {target.output_dir / 'summary.json'}", flush=True)
     return 0
 

@@ -5,7 +5,7 @@
 The configuration is src/config.py (`cfg_unet`, the original's keys and defaults); every key is a flag.
 One run trains one fold of the 5-fold split (`cross_valid_ind`, default 1) and validates on its 6 pages at
 the end; `--cross_valid_ind=all` trains the five folds one after the other and reports mean and spread.
-Checkpoints go to --ckpt_dir (default ./ckpt_<device id>/): `ckpt_unet_medical_adam-<epoch>_<step>.pth`
+Checkpoints go to --ckpt_dir (default ./ckpt_<device id of rank 0>/): `ckpt_unet_medical_adam-<epoch>_<step>.pth`
 (the last keep_checkpoint_max of them), `checkpoint.pth.tar` (the latest) and `model_best.pth.tar`.
 """
 
@@ -20,16 +20,17 @@ from pathlib import Path
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 import torch
+from src.checkpoints import default_ckpt_dir
 from src.config import FOLDS, cfg_unet
 from src.data_loader import PAD_MODES, create_dataset, load_train_data, schedule
 from src.loss import CrossEntropyWithLogits
 from src.unet import UNetMedical, check_input_size, output_size
 from src.utils import StepLossTimeMonitor, UnetMetrics, keep_named_checkpoint, named_checkpoints
 
-from common.checkpoint import load_checkpoint, load_weights, remove_interrupted_writes
+from common.checkpoint import remove_interrupted_writes
 from common.cli import (
     add_common_args,
-    apply_conv_flag,
+    add_schedule_args,
     describe_config,
     non_negative_float,
     non_negative_int,
@@ -39,10 +40,12 @@ from common.cli import (
     run_main,
     setup_runtime,
 )
-from common.clock import BASES, Clock
-from common.engine import Throughput, TrainingRun, evaluate, train_one_epoch
+from common.datacheck import SKIPPED_LIST, skipped_count, skipped_note, write_skipped_list
+from common.engine import Throughput, TrainingRun, evaluate
 from common.errors import CheckpointError, ConfigError
 from common.loader import build_loader, seed_everything
+from common.summary import SummaryTarget
+from common.trainer import Hooks, LoopConfig, StartPoint, fit, prepare
 
 NETWORK = "UNet_mindspore"
 LATEST = "checkpoint.pth.tar"
@@ -114,17 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train_augment", type=str2bool, default=cfg["train_augment"])
     group.add_argument("--run_eval", type=str2bool, nargs="?", const=True, default=cfg["run_eval"],
                        help="validate every eval_interval epochs (the last epoch is always validated)")  # fmt: skip
-    group.add_argument("--eval_interval", type=positive_int, default=cfg["eval_interval"])
     group = parser.add_argument_group("output and limits")
     group.add_argument("--ckpt_dir", "--save", "--output", dest="ckpt_dir", default=None,
-                       help="checkpoint folder (default ./ckpt_<device id>/, as the original)")  # fmt: skip
-    group.add_argument("--train_steps", "--max_steps", dest="train_steps", type=non_negative_int, default=0,
-                       help="stop after this many optimizer steps in all (0 = the full schedule; perf runs)")  # fmt: skip
-    group.add_argument("--time_limit", type=non_negative_float, default=0.0,
-                       help="train only the steps that fit in this many seconds (0 = no limit)")  # fmt: skip
-    group.add_argument("--time_limit_basis", choices=BASES, default="wall",
-                       help="seconds of wall clock, or CPU seconds per torch thread (a shared machine)")  # fmt: skip
-    add_common_args(parser, seed=1, workers=4)
+                       help="checkpoint folder (default ./ckpt_<device id of rank 0>/, as the original; every rank resumes from it)")  # fmt: skip
+    add_common_args(parser, seed=1)
+    add_schedule_args(parser, val_interval=cfg["eval_interval"])
     # The original's static loss scale (FixedLossScaleManager 1024), used when --amp selects fp16.
     parser.set_defaults(loss_scale=str(int(cfg["FixedLossScaleManager"])), log_interval=1)
     return parser
@@ -192,29 +189,6 @@ def find_resume_checkpoint(args: argparse.Namespace, save_dir: Path) -> Path | N
     raise CheckpointError(f"--resume: no checkpoint in {shown}; pass --resume_ckpt=FILE")
 
 
-def fit_resume_state(state: object, path: Path | None, model: torch.nn.Module) -> bool:
-    """Fit the weights of the checkpoint to resume from into `model`, before anything is written.
-
-    A checkpoint of another network or shape raises CheckpointError naming the file and the mismatched
-    keys (a missing, corrupted or unsafe file was refused by load_checkpoint already, before the model was
-    built). Returns whether it holds a full training state of this code.
-    """
-    if path is None:
-        return False
-    load_weights(model, state, name=str(path))
-    return isinstance(state, dict) and "optimizer" in state and "epoch" in state
-
-
-def resume(run: TrainingRun, path: Path | None, state: object, training_state: bool, runtime) -> int:
-    """Exact resume from a training state of this code; a weights-only file was loaded as initial weights."""
-    if path is None:
-        return 0
-    if training_state:
-        return run.resume(path, state)
-    runtime.print(f"Loaded weights from {path}: no training state in it, so training starts at epoch 1")
-    return 0
-
-
 CHECKPOINT_NAMES = (LATEST, "model_best.pth.tar", "ckpt_unet_medical_adam-*.pth")
 
 
@@ -224,33 +198,6 @@ def remove_stale_temporaries(save_dir: Path, runtime) -> None:
         return
     for stale in remove_interrupted_writes(save_dir, CHECKPOINT_NAMES):
         runtime.print(f"removed {stale}: a checkpoint write that was interrupted")
-
-
-class TimeBudget(Clock):
-    """--time_limit at step granularity: each epoch runs only the steps that fit the time left, judged by
-    the mean time of the steps so far (checkpoints included); the ranks agree on the slowest estimate.
-    The seconds are common.clock's: wall clock, or CPU seconds per torch thread on a shared machine.
-    """
-
-    def __init__(self, seconds: float, basis: str = "wall"):
-        super().__init__(basis)
-        self.seconds = seconds
-        self.steps = 0
-
-    def exhausted(self) -> bool:
-        return 0 < self.seconds <= self.elapsed()
-
-    def spent_steps(self, steps: int) -> None:
-        self.steps += steps
-
-    def steps_that_fit(self, planned: int, runtime) -> int:
-        if self.seconds <= 0 or self.steps == 0:
-            return planned
-        per_step = self.elapsed() / self.steps
-        fit = max(0, int((self.seconds - self.elapsed()) / per_step))
-        # Every rank must run the same number of steps, or DDP waits forever: take the smallest.
-        (neg,) = runtime.dist.reduce_scalars([-min(fit, planned)], runtime.device.device, "max")
-        return int(-neg)
 
 
 def build_adam(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.Adam:
@@ -264,6 +211,38 @@ def build_adam(model: torch.nn.Module, lr: float, weight_decay: float, fused: bo
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+class FoldHooks(Hooks):
+    """MindSpore's StepLossTimeMonitor lines, its named checkpoints and the fold's validation."""
+
+    def __init__(self, args, runtime, model, val_loader, loss_fn, fold: int, run: TrainingRun, monitor):
+        self.args, self.runtime, self.model, self.val_loader = args, runtime, model, val_loader
+        self.loss_fn, self.fold, self.run, self.monitor = loss_fn, fold, run, monitor
+
+    def on_step(self, info) -> None:
+        self.monitor.step_end(info)
+
+    def after_train(self, epoch: int, stats) -> None:
+        self.monitor.epoch_end(epoch + 1, stats)
+
+    def validate(self, epoch: int) -> dict:
+        return evaluate(self.model, self.val_loader, UnetMetrics(), self.runtime, loss_fn=self.loss_fn)
+
+    def on_epoch(self, r) -> None:
+        if self.runtime.is_main:
+            keep_named_checkpoint(
+                self.run.latest_path,
+                self.run.save_dir,
+                r.epoch + 1,
+                r.stats.steps,
+                self.args.keep_checkpoint_max,
+            )
+        if r.val is not None:
+            self.runtime.print(
+                f"epoch {r.epoch + 1} validation (fold {self.fold}): dice_coeff {r.val['dice_coeff']:.4f}, "
+                f"hard_dice_membrane {r.val['hard_dice_membrane']:.4f}, hard_dice_cell {r.val['hard_dice_cell']:.4f}"
+            )
+
+
 def train_fold(
     args, runtime, data, fold: int, save_dir: Path, config: dict, throughput: Throughput
 ) -> tuple[TrainingRun, dict]:
@@ -271,41 +250,35 @@ def train_fold(
     world = runtime.dist.world_size
     distributed = world > 1
     # The checkpoint to resume from is read first: a missing, corrupted or unsafe file stops the run here.
-    resume_path = find_resume_checkpoint(args, save_dir)
-    resume_state = load_checkpoint(resume_path) if resume_path is not None else None
+    # A file with weights only (the original's .ckpt converted, or a bare state_dict) initialises the model.
+    start = StartPoint.read(resume=find_resume_checkpoint(args, save_dir), weights_only_resume="init")
     n_passes = passes(args, distributed)
     repeat = min(args.repeat or n_passes, n_passes)
     train_set, val_set = create_dataset(
         data, fold, args.image_size, args.num_classes, repeat, args.train_augment, args.pad_mode, args.seed
     )
     plan = schedule(len(train_set.pages), n_passes, repeat, world, args.batchsize)
-    if args.train_steps:
-        plan = cap_steps(plan, args.train_steps)
+    loop = LoopConfig.from_args(
+        args, epochs=len(plan), steps_per_epoch=plan, val_interval=args.val_interval if args.run_eval else 0
+    )
+    plan = loop.plan(plan[0])
     train_loader = build_loader(train_set, args.batchsize, runtime.dist, train=True, workers=args.workers, seed=args.seed)  # fmt: skip
     val_loader = build_loader(val_set, 1, runtime.dist, train=False)
     seed_everything(args.seed)  # every fold starts from the same initial weights
-    model = UNetMedical(n_channels=args.num_channels, n_classes=args.num_classes).to(runtime.device.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = apply_conv_flag(runtime, model)
+    model = UNetMedical(n_channels=args.num_channels, n_classes=args.num_classes)
+    start.load_weights(model)
     fused = runtime.device.kind in ("cpu", "cuda") and runtime.amp.backend != "apex"
-    optimizer = build_adam(model, args.lr, args.weight_decay, fused)
-    model, optimizer = runtime.amp.prepare(model, optimizer)
-    model = runtime.dist.wrap(model, runtime.device)
-    if args.compile:
-        model = torch.compile(model)
+    model, optimizer = prepare(model, lambda m: build_adam(m, args.lr, args.weight_decay, fused), runtime)
     loss_fn = CrossEntropyWithLogits()
-    training_state = fit_resume_state(resume_state, resume_path, model)
     remove_stale_temporaries(save_dir, runtime)
     fold_config = {**config, "fold": fold, "train_pages": train_set.pages, "val_pages": val_set.pages,
                    "passes": n_passes, "repeat_effective": repeat, "steps_per_epoch": plan}  # fmt: skip
     print_config(runtime, fold_config, save_dir / "config.json")
+    target = SummaryTarget.from_env(save_dir, NETWORK, args.batchsize * world, world)
     run = TrainingRun(runtime, save_dir, model=model, optimizer=optimizer, config=fold_config,
-                      selection_key="dice_coeff", network=NETWORK, batch_size=args.batchsize * world,
-                      latest_name=LATEST)  # fmt: skip
+                      selection_key="dice_coeff", target=target, latest_name=LATEST)  # fmt: skip
     run.throughput = throughput
-    start = resume(run, resume_path, resume_state, training_state, runtime)
-    resume_state = None  # the optimizer holds its own copy now
+    run.start(start)
     monitor = StepLossTimeMonitor(args.batchsize, world, runtime.print)
     runtime.print(
         f"fold {fold}: training pages {train_set.pages}, validation pages {val_set.pages}; "
@@ -313,57 +286,18 @@ def train_fold(
     )
     runtime.print("dataset length is:", plan[0])
     runtime.print("============== Starting Training ==============")
-    budget, val = TimeBudget(args.time_limit, args.time_limit_basis), None
-    for epoch in range(start, len(plan)):
-        steps = budget.steps_that_fit(plan[epoch], runtime)
-        if steps == 0:
-            runtime.print(
-                f"time limit of {args.time_limit:g} s reached before epoch {epoch + 1} of {len(plan)}"
-            )
-            break
-        run.begin_epoch(epoch, train_loader)
-        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, runtime, epoch=epoch,
-                                throughput=run.throughput, global_step=run.global_step,
-                                on_log=monitor.step_end, max_steps=steps)  # fmt: skip
-        budget.spent_steps(stats.steps)
-        monitor.epoch_end(epoch + 1, stats)
-        stop = epoch == len(plan) - 1 or steps < plan[epoch] or budget.exhausted()
-        periodic = args.run_eval and (epoch + 1) % args.eval_interval == 0
-        val = evaluate(model, val_loader, UnetMetrics(), runtime, loss_fn=loss_fn) if (stop or periodic) else None  # fmt: skip
-        run.end_epoch(epoch, stats, val)
-        if runtime.is_main:
-            keep_named_checkpoint(run.latest_path, save_dir, epoch + 1, stats.steps, args.keep_checkpoint_max)
-        if val is not None:
-            runtime.print(
-                f"epoch {epoch + 1} validation (fold {fold}): dice_coeff {val['dice_coeff']:.4f}, "
-                f"hard_dice_membrane {val['hard_dice_membrane']:.4f}, hard_dice_cell {val['hard_dice_cell']:.4f}"
-            )
-        if stop and epoch < len(plan) - 1:
-            runtime.print(
-                f"time limit of {args.time_limit:g} s ({args.time_limit_basis}) reached after {budget.steps} "
-                f"step(s), {budget.elapsed():.0f} s"
-            )
-            break
+    hooks = FoldHooks(args, runtime, model, val_loader, loss_fn, fold, run, monitor)
+    result = fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=hooks)
+    budget, val = result.budget, result.last_val
     runtime.print("============== End Training ==============")
     runtime.print(
-        f"trained {budget.steps} step(s) in {budget.wall():.0f} s wall-clock "
-        f"({budget.cpu():.0f} CPU-s per thread, {torch.get_num_threads()} thread(s))"
+        f"trained {budget.steps} step(s) in {budget.clock.wall():.0f} s wall-clock "
+        f"({budget.clock.cpu():.0f} CPU-s per thread, {torch.get_num_threads()} thread(s))"
     )
     if val is None:  # resumed from a finished run, or nothing left to train
         val = evaluate(model, val_loader, UnetMetrics(), runtime, loss_fn=loss_fn)
     runtime.print(f"============== Cross valid dice coeff is: {{'dice_coeff': {val['dice_coeff']}}}")
     return run, {"fold": fold, "steps": run.global_step, **val}
-
-
-def cap_steps(plan: list[int], limit: int) -> list[int]:
-    """The epochs of `plan` cut to `limit` steps in all."""
-    out, left = [], limit
-    for steps in plan:
-        if left <= 0:
-            break
-        out.append(min(steps, left))
-        left -= out[-1]
-    return out
 
 
 def summarise_folds(results: list[dict]) -> dict:
@@ -389,13 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         args.run_distribute = world > 1
     check_args(args, world)
     if args.ckpt_dir is None:
-        args.ckpt_dir = f"ckpt_{runtime.device.index}"
+        args.ckpt_dir = default_ckpt_dir(runtime)  # rank 0's folder on every rank: resume finds it
     save_root = Path(args.ckpt_dir)
-    data = load_train_data(args.data_url)
+    data = load_train_data(args.data_url, skip_bad=args.skip_bad_samples)
     runtime.print(
         f"ISBI 2012 data: {len(data)} pages of {data.images.shape[1]}x{data.images.shape[2]} from {data.source} "
         f"({data.layout}); input {args.image_size} -> output {output_size(args.image_size)}, pad {args.pad_mode}"
     )
+    notes = [skipped_note(data.skipped, save_root / SKIPPED_LIST)] if data.skipped else []
+    if runtime.is_main:
+        if data.skipped:
+            write_skipped_list(save_root, data.skipped)
+            print(notes[0], flush=True)
+        else:  # a list left by an earlier run on other data would contradict this run's summary
+            (save_root / SKIPPED_LIST).unlink(missing_ok=True)
     for note in data.label_notes:
         runtime.print(f"warning: {note}")
     config = describe_config(
@@ -432,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if runtime.is_main:
             (save_root / "cv_summary.json").write_text(json.dumps(cv, indent=2) + "\n")
-    run.finish(accuracy, extra_lines=extra, details=details)
+    run.finish(accuracy, extra_lines=extra, details=details, notes=notes,
+               skipped_samples=skipped_count(data.skipped))  # fmt: skip
     runtime.dist.shutdown()
     return 0 if all(math.isfinite(r["dice_coeff"]) for r in results) else 1
 

@@ -14,6 +14,10 @@ interpolated soft masks).
 
 The split is sklearn's `train_test_split(ids, test_size=0.2, random_state=41)` reproduced on SORTED ids,
 so it no longer depends on the order in which the file system lists the folder.
+
+Bad samples (an image without a mask, an unreadable or mis-sized file) are refused, all named in one error;
+with `skip_bad=True` (`--skip_bad_samples`) `list_samples` and `check_samples` leave them out and return
+them, before the split, so the split is drawn from the samples that are used.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from common import augment
 from common.cache import DecodedArrayCache, LazyMemmap, default_cache_dir
-from common.datacheck import check_pairs, pair_by_stem, require_dir
+from common.datacheck import SKIP_HINT, BadSample, check_pairs, drop_bad, pair_samples, require_dir
 from common.errors import ConfigError, DataError
 from common.imageio import read_image, read_mask
 from common.loader import SeededDataset
@@ -66,6 +70,19 @@ def find_samples(
     root: str | Path, img_ext: str = ".png", mask_ext: str = ".png"
 ) -> list[tuple[str, Path, Path]]:
     """[(id, image, mask)] sorted by id; one DataError lists every unpaired or duplicate file."""
+    return list_samples(root, img_ext, mask_ext, skip_bad=False, hint=None)[0]
+
+
+def list_samples(
+    root: str | Path,
+    img_ext: str = ".png",
+    mask_ext: str = ".png",
+    *,
+    skip_bad: bool,
+    hint: str | None = SKIP_HINT,
+) -> tuple[list[tuple[str, Path, Path]], list[BadSample]]:
+    """([(id, image, mask)] sorted by id, samples left out): an image without a mask, a mask without an
+    image or an id two files share is refused (one DataError lists them all) or, with `skip_bad`, left out."""
     root = Path(root)
     images_dir = require_dir(root / "images", "images", EXPECTED_TREE)
     masks_dir = require_dir(mask_dir(root), "masks", EXPECTED_TREE)
@@ -80,11 +97,13 @@ def find_samples(
         raise DataError(images_dir, f"no '*{img_ext}' files (set --img_ext to the images' extension)")
     if not masks:
         raise DataError(masks_dir, f"no '*{mask_ext}' files (set --mask_ext to the masks' extension)")
-    return pair_by_stem(
+    return pair_samples(
         images,
         masks,
         image_id=lambda p: _strip(p.name, img_ext) or p.name,
         mask_id=lambda p: _strip(p.name, mask_ext) or p.name,
+        skip_bad=skip_bad,
+        hint=hint,
     )
 
 
@@ -148,19 +167,13 @@ def decode_image(path: str | Path, channels: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def cached_arrays(
+def _caches(
     samples: Sequence[tuple[str, Path, Path]],
     height: int,
     width: int,
     channels: int,
-    cache_dir: str | Path | None = None,
-    log=print,
-) -> tuple[LazyMemmap, LazyMemmap]:
-    """Images (N, H, W, C) and masks (N, H, W) in 0/1, decoded once at the training size.
-
-    The data tree is checked (every unreadable file and size mismatch in one DataError) only when a
-    cache has to be built: a valid cache was built from exactly these files (sizes and mtimes).
-    """
+    cache_dir: str | Path | None,
+) -> tuple[DecodedArrayCache, DecodedArrayCache]:
     if channels not in (1, 3):
         raise ConfigError(f"--input_channels must be 1 (grey) or 3 (RGB), got {channels}")
     root = Path(samples[0][1]).parent.parent
@@ -175,9 +188,54 @@ def cached_arrays(
         cache_dir, f"nested_unet_masks_{tag}", ids, [[s[2]] for s in samples],
         (height, width), params={"size": [height, width], "resize": "coverage>=0.5"},
     )  # fmt: skip
+    return image_cache, mask_cache
+
+
+def check_samples(
+    samples: Sequence[tuple[str, Path, Path]],
+    height: int,
+    width: int,
+    channels: int,
+    cache_dir: str | Path | None = None,
+    log=print,
+    *,
+    skip_bad: bool,
+) -> tuple[list[tuple[str, Path, Path]], list[BadSample]]:
+    """(samples whose image and mask decode and agree in size, samples left out).
+
+    Without `skip_bad` one DataError lists every bad file. Nothing is decoded when the cache of exactly
+    these files is valid (it could only have been built from good ones). Pass the samples kept to
+    `cached_arrays(..., checked=True)`.
+    """
+    image_cache, mask_cache = _caches(samples, height, width, channels, cache_dir)
+    if image_cache.is_valid() and mask_cache.is_valid():
+        return list(samples), []
+    log(f"Checking {len(samples)} image/mask pairs")
+    bad = check_pairs(samples, read_image, read_mask, skip_bad=skip_bad, hint=SKIP_HINT)
+    return drop_bad(samples, bad), bad
+
+
+def cached_arrays(
+    samples: Sequence[tuple[str, Path, Path]],
+    height: int,
+    width: int,
+    channels: int,
+    cache_dir: str | Path | None = None,
+    log=print,
+    checked: bool = False,
+) -> tuple[LazyMemmap, LazyMemmap]:
+    """Images (N, H, W, C) and masks (N, H, W) in 0/1, decoded once at the training size.
+
+    The data tree is checked (every unreadable file and size mismatch in one DataError) only when a
+    cache has to be built: a valid cache was built from exactly these files (sizes and mtimes).
+    `checked`: `check_samples` has just checked these samples; they are not decoded twice.
+    """
+    image_cache, mask_cache = _caches(samples, height, width, channels, cache_dir)
     if not (image_cache.is_valid() and mask_cache.is_valid()):
-        log(f"Checking {len(samples)} image/mask pairs and caching them at {tag} in {cache_dir}")
-        check_pairs(samples, read_image, read_mask)
+        what = "Caching" if checked else "Checking and caching"
+        log(f"{what} {len(samples)} image/mask pairs at {height}x{width} in {image_cache.cache_dir}")
+        if not checked:
+            check_pairs(samples, read_image, read_mask, hint=SKIP_HINT)
     images = image_cache.get_or_build(
         lambda i: resize_image(decode_image(samples[i][1], channels), height, width)
     )

@@ -1,7 +1,7 @@
 """Turn Kaggle DSB 2018 `stage1_train` into the reference's `dsb2018_96` layout (one binary mask per image).
 
     python preprocess_dsb2018.py [--data_path inputs/data-science-bowl-2018] [--output inputs/dsb2018_96]
-                                 [--input_w 96 --input_h 96]
+                                 [--input_w 96 --input_h 96] [--skip_bad_samples]
 
 Reads `stage1_train/<id>/images/<id>.png` (RGBA; the alpha channel is dropped) and the instance masks
 `stage1_train/<id>/masks/*.png`, takes their union, resizes both to the training size and writes
@@ -12,8 +12,10 @@ Reads `stage1_train/<id>/images/<id>.png` (RGBA; the alpha channel is dropped) a
 Differences from 4uiiurz1/pytorch-nested-unet's script (references.md 3.4): the mask stays binary (a pixel
 is foreground when at least half of it was; the reference resized the 0/1 mask bilinearly and kept the
 soft edges), images are resized with an antialiasing filter, folders are processed in sorted order and
-written atomically, and folders without an image or without masks, or with unreadable files, are
-reported and skipped instead of crashing the run. A manifest (`.prepared.json`) records the source
+written atomically, and a folder without an image or without masks, or with an unreadable or mis-sized
+file, is named in one error with every other such folder (the reference crashed on the first). With
+`--skip_bad_samples` those folders are left out instead, counted on the console and listed in
+`<output>/skipped_samples.txt` and the manifest. The manifest (`.prepared.json`) records the source
 files' sizes and times: an unchanged source is not processed again.
 """
 
@@ -35,7 +37,15 @@ import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 from dataset import resize_image, resize_mask
 
 from common.cli import positive_int, run_main
-from common.datacheck import format_problems
+from common.datacheck import (
+    SKIP_FLAG,
+    SKIP_HINT,
+    SKIPPED_LIST,
+    BadSample,
+    format_problems,
+    skipped_count,
+    write_skipped_list,
+)
 from common.errors import ConfigError, DataError
 from common.filelock import file_lock
 from common.imageio import read_image, read_mask, write_png
@@ -60,14 +70,18 @@ class Sample:
 class PrepareReport:
     output: Path
     written: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, problem)
+    skipped: list[BadSample] = field(default_factory=list)  # left out under skip_bad
     reused: bool = False
 
     def describe(self) -> str:
         what = "reused" if self.reused else "wrote"
         text = f"{what} {len(self.written)} image/mask pairs in {self.output}"
         if self.skipped:
-            text += f"; skipped {len(self.skipped)} folder(s):\n" + format_problems(self.skipped)
+            text += (
+                f"; {SKIP_FLAG}: skipped {skipped_count(self.skipped)} folder(s), listed in "
+                f"{self.output / SKIPPED_LIST}:\n"
+                + format_problems([(b.path, b.problem) for b in self.skipped])
+            )
         return text
 
 
@@ -93,23 +107,25 @@ def _pngs(folder: Path) -> list[Path]:
     )
 
 
-def find_samples(stage1: str | Path) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Usable sample folders (sorted by id) and the problems of the others, as (path, problem)."""
+def find_samples(stage1: str | Path) -> tuple[list[Sample], list[BadSample]]:
+    """Complete sample folders (sorted by id) and the others (no image, no masks) as bad samples."""
     stage1 = Path(stage1)
     if not stage1.is_dir():
         raise DataError(stage1, f"folder not found; expected the Kaggle layout:\n{STAGE1_TREE}")
     samples: list[Sample] = []
-    problems: list[tuple[str, str]] = []
+    problems: list[BadSample] = []
     for folder in sorted(p for p in stage1.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = _pngs(folder / "images")
         own = [p for p in images if p.stem == folder.name]
         masks = _pngs(folder / "masks")
         if not images:
-            problems.append((str(folder), "no image (expected images/<id>.png)"))
+            problems.append(BadSample(folder.name, str(folder), "no image (expected images/<id>.png)"))
         elif len(images) > 1 and not own:
-            problems.append((str(folder), f"{len(images)} images and none named {folder.name}.png"))
+            problems.append(
+                BadSample(folder.name, str(folder), f"{len(images)} images and none named {folder.name}.png")
+            )
         elif not masks:
-            problems.append((str(folder), "no masks (expected masks/*.png)"))
+            problems.append(BadSample(folder.name, str(folder), "no masks (expected masks/*.png)"))
         else:
             samples.append(Sample(folder.name, own[0] if own else images[0], masks))
     return samples, problems
@@ -153,6 +169,24 @@ def prepared_skips(output: str | Path) -> list[tuple[str, str]]:
     return [(str(s[0]), str(s[1])) for s in skipped if len(s) == 2] if isinstance(skipped, list) else []
 
 
+def _sample_id(stage1: Path, path: str) -> str:
+    """The sample folder a listed file or folder belongs to (its first part below `stage1`)."""
+    try:
+        return Path(path).relative_to(stage1).parts[0]
+    except (ValueError, IndexError):
+        return Path(path).name
+
+
+def refuse_bad_folders(stage1: Path, bad: list[BadSample], total: int) -> DataError:
+    """The error for sample folders that cannot be used: every file named (capped), with the count."""
+    return DataError(
+        stage1,
+        f"{skipped_count(bad)} of {total} sample folder(s) cannot be used ({len(bad)} problem(s)):\n"
+        + format_problems([(b.path, b.problem) for b in bad])
+        + f"\n{SKIP_HINT}",
+    )
+
+
 def preprocess(
     stage1: str | Path,
     output: str | Path,
@@ -160,28 +194,36 @@ def preprocess(
     width: int = 96,
     workers: int | None = None,
     log: Callable[[str], None] = print,
+    *,
+    skip_bad: bool = False,
 ) -> PrepareReport:
-    """Write the prepared layout for every usable folder of `stage1` into `output` (replaced atomically).
+    """Write the prepared layout of `stage1` into `output` (replaced atomically).
 
-    Reuses `output` when its manifest matches the source files and the size. Safe to call from several
-    processes at once (one works under a file lock, the others then reuse its result).
+    A folder without an image or masks, or with an unreadable or mis-sized file, is a bad sample: one
+    DataError names them all, or with `skip_bad` they are left out, listed in `<output>/skipped_samples.txt`
+    and returned in the report's `skipped`. Reuses `output` when its manifest matches the source files
+    and the size (a reused preparation that left folders out is refused without `skip_bad` too). Safe to
+    call from several processes at once (one works under a file lock, the others then reuse its result).
     """
     if height < 1 or width < 1:
         raise ConfigError(f"the output size must be positive, got {height}x{width}")
     stage1, output = Path(stage1), Path(output)
     samples, problems = find_samples(stage1)
     if not samples:
-        raise DataError(
-            stage1, "no usable sample folder:\n" + format_problems(problems or [(str(stage1), "empty")])
-        )
+        listed = [(b.path, b.problem) for b in problems] or [(str(stage1), "empty")]
+        raise DataError(stage1, "no usable sample folder:\n" + format_problems(listed))
+    total = len(samples) + len(problems)
     fingerprint = _fingerprint(samples, height, width)
     output.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(output.parent / f".{output.name}.lock"):
         manifest = _read_manifest(output)
         if manifest is not None and manifest.get("fingerprint") == fingerprint:
-            return PrepareReport(
-                output, list(manifest["ids"]), [tuple(s) for s in manifest["skipped"]], reused=True
-            )
+            skipped = [
+                BadSample(_sample_id(stage1, str(p)), str(p), str(why)) for p, why in manifest["skipped"]
+            ]
+            if skipped and not skip_bad:
+                raise refuse_bad_folders(stage1, skipped, total)
+            return PrepareReport(output, list(manifest["ids"]), skipped, reused=True)
         if output.exists() and manifest is None and any(output.iterdir()):
             raise ConfigError(
                 f"{output} exists and was not written by preprocess_dsb2018.py (no {MANIFEST}); "
@@ -192,11 +234,11 @@ def preprocess(
         (tmp / "images").mkdir(parents=True)
         (tmp / "masks" / "0").mkdir(parents=True)
 
-        def work(sample: Sample) -> tuple[str, str] | None:
+        def work(sample: Sample) -> BadSample | None:
             try:
                 image, union = merge_masks(sample)
             except DataError as exc:
-                return (str(exc.path or sample.image), exc.problem)
+                return BadSample(sample.id, str(exc.path or sample.image), exc.problem)
             write_png(tmp / "images" / f"{sample.id}.png", resize_image(image, height, width))
             write_png(tmp / "masks" / "0" / f"{sample.id}.png", resize_mask(union, height, width))
             return None
@@ -207,14 +249,19 @@ def preprocess(
             written = [s.id for s, r in zip(samples, results) if r is None]
             skipped = problems + [r for r in results if r is not None]
             if not written:
-                raise DataError(stage1, "no folder could be prepared:\n" + format_problems(skipped))
+                listed = [(b.path, b.problem) for b in skipped]
+                raise DataError(stage1, "no folder could be prepared:\n" + format_problems(listed))
+            if skipped and not skip_bad:
+                raise refuse_bad_folders(stage1, skipped, total)
+            if skipped:
+                write_skipped_list(tmp, skipped)
             manifest = {
                 "version": PREPARE_VERSION,
                 "fingerprint": fingerprint,
                 "source": str(stage1.resolve()),
                 "size": [height, width],
                 "ids": written,
-                "skipped": [list(s) for s in skipped],
+                "skipped": [[b.path, b.problem] for b in skipped],
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             if output.exists():
@@ -240,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=positive_int, default=None, help="decoding threads (default: min(8, cores))"
     )
+    parser.add_argument(
+        SKIP_FLAG, dest="skip_bad_samples", action="store_true",
+        help="leave out folders without an image or masks, or with an unreadable or mis-sized file "
+        "(listed in <output>/skipped_samples.txt; default: refuse, naming every such file)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     height = args.input_h or args.input_w
     data_path = Path(args.data_path)
@@ -252,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(data_path, f"no stage1_train folder found; expected:\n{STAGE1_TREE}")
     tag = str(args.input_w) if height == args.input_w else f"{args.input_w}x{height}"
     output = Path(args.output or f"inputs/dsb2018_{tag}")
-    report = preprocess(stage1, output, height, args.input_w, workers=args.workers)
+    report = preprocess(
+        stage1, output, height, args.input_w, workers=args.workers, skip_bad=args.skip_bad_samples
+    )
     if report.reused:
         print(report.describe())
     return 0

@@ -33,38 +33,41 @@ from dataset import (
     SPLIT_TEST_SIZE,
     NucleiDataset,
     cached_arrays,
-    find_samples,
+    check_samples,
+    list_samples,
     repeats_for,
     split_ids,
 )
 from preprocess_dsb2018 import STAGE1_TREE, locate_stage1, prepared_skips, preprocess
 
 from common.cache import default_cache_dir
-from common.checkpoint import load_checkpoint, load_weights
 from common.cli import (
     add_common_args,
-    apply_conv_flag,
+    add_schedule_args,
     describe_config,
-    non_negative_int,
     positive_float,
     positive_int,
     print_config,
     run_main,
     setup_runtime,
 )
+from common.datacheck import SKIPPED_LIST, BadSample, skipped_count, skipped_note, write_skipped_list
 from common.demo_data import MARKER as DEMO_MARKER
-from common.engine import StepInfo, TrainingRun, evaluate, train_one_epoch
+from common.engine import StepInfo, TrainingRun, evaluate
 from common.errors import CheckpointError, ConfigError, DataError
 from common.loader import build_loader, per_rank_batch
 from common.losses import DeepSupervisionLoss, build_loss
 from common.metrics import SegmentationMetrics
 from common.registry import get_model_builder, list_models
+from common.summary import RunSummary, SummaryTarget, write_summary
+from common.trainer import Hooks, LoopConfig, StartPoint, fit, prepare
 
 LOSS_NAMES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 # log.csv: the reference's columns, then Dice, HD95, wall seconds since the start and process CPU seconds.
 LOG_COLUMNS = {"epoch": "epoch", "lr": "lr", "loss": "train_loss", "iou": "train_iou", "val_loss": "val_loss",
                "val_iou": "jaccard_mean", "val_dice": "dice_mean", "val_hd95": "hd95_mean",
+               "val_hd95_excluded": "hd95_excluded",
                "elapsed_s": "elapsed_s", "cpu_s": "cpu_s"}  # fmt: skip
 FAMILY = archs.FAMILY
 
@@ -113,10 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=100)
     group.add_argument("-b", "--batch_size", type=positive_int, default=16, help="global batch size")
-    group.add_argument(
-        "--train_steps", type=non_negative_int, default=0,
-        help="performance runs: stop after this many steps in total (the epoch count follows; wins over --epochs)",
-    )  # fmt: skip
     group.add_argument("--optimizer", default="Adam", choices=("Adam", "SGD"))
     group.add_argument("--lr", "--learning_rate", type=positive_float, default=1e-3)
     group.add_argument("--momentum", type=float, default=0.9)
@@ -131,10 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--early_stopping", type=int, default=-1, help="stop after N epochs without a better IoU"
     )
-    group.add_argument(
-        "--time_limit", type=float, default=0.0,
-        help="stop before this many seconds (wall, since the script started) would be exceeded; 0 = no limit",
-    )  # fmt: skip
 
     group = parser.add_argument_group("checkpoints and evaluation")
     group.add_argument("--name", default=None, help="run name (default: <dataset>_<arch>_<wDS|woDS>)")
@@ -144,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--pretrained", default="", help="initial weights (a state_dict or a checkpoint)")
     group.add_argument("-e", "--evaluate", action="store_true", help="one validation pass of --resume")
-    add_common_args(parser, seed=5, workers=0)
+    add_common_args(parser, seed=5)
+    add_schedule_args(parser)
     return parser
 
 
@@ -173,8 +169,10 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.scheduler == "MultiStepLR":
         parse_milestones(args.milestones)
-    if args.train_steps and args.evaluate:
-        raise ConfigError("--train_steps applies to training, not to --evaluate")
+    if args.max_steps and args.evaluate:
+        raise ConfigError("--max_steps (--train_steps) applies to training, not to --evaluate")
+    if not 0.0 < args.val_split < 1.0:  # before the data is decoded, which can take minutes
+        raise ConfigError(f"--val_split must lie strictly between 0 and 1, got {args.val_split}")
 
 
 def parse_milestones(text: str) -> list[int]:
@@ -202,8 +200,26 @@ def _writable(folder: Path) -> bool:
     return bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(folder, os.W_OK)
 
 
-def resolve_data(args: argparse.Namespace, log=print) -> tuple[Path, str]:
-    """(folder with images/ and masks/, dataset name); prepares a Kaggle download when needed."""
+def _folder_id(path: str) -> str:
+    """The Kaggle sample folder a listed path is or lies in (`stage1_train/<id>/images/<file>`)."""
+    listed = Path(path)
+    return listed.parent.parent.name if listed.parent.name in ("images", "masks") else listed.name
+
+
+def preparation_skips(root: Path, log=print) -> list[BadSample]:
+    """The sample folders left out when the prepared folder `root` was made (its manifest); [] if none."""
+    skipped = [BadSample(_folder_id(path), path, problem) for path, problem in prepared_skips(root)]
+    if skipped:
+        log(
+            f"WARNING: {len(skipped)} sample folder(s) of the download were skipped when {root} was prepared "
+            f"(listed in its {SKIPPED_LIST}); training uses the others"
+        )
+    return skipped
+
+
+def resolve_data(args: argparse.Namespace, log=print) -> tuple[Path, str, list[BadSample]]:
+    """(folder with images/ and masks/, dataset name, folders its preparation left out); prepares a Kaggle
+    download when needed (bad folders refused, or left out with --skip_bad_samples)."""
     data_path = Path(args.data_path)
     if not data_path.exists():
         raise DataError(data_path, f"--data_path does not exist. Expected layout:\n{EXPECTED_TREE}")
@@ -212,12 +228,12 @@ def resolve_data(args: argparse.Namespace, log=print) -> tuple[Path, str]:
     if not any(not entry.name.startswith(".") for entry in data_path.iterdir()):
         raise DataError(data_path, f"--data_path is an empty folder. Expected layout:\n{EXPECTED_TREE}")
     if (data_path / "images").is_dir():
-        return data_path, args.dataset or data_path.name
+        return data_path, args.dataset or data_path.name, preparation_skips(data_path, log)
     # The built-in demo data gets its own name, so its runs never overwrite a real run's checkpoints.
     demo = "demo_" if (data_path / DEMO_MARKER).exists() else ""
     dataset = args.dataset or f"{demo}dsb2018_{size_tag(args)}"
     if (data_path / dataset / "images").is_dir():
-        return data_path / dataset, dataset
+        return data_path / dataset, dataset, preparation_skips(data_path / dataset, log)
     stage1 = locate_stage1(data_path)
     if stage1 is None:
         raise DataError(
@@ -231,10 +247,10 @@ def resolve_data(args: argparse.Namespace, log=print) -> tuple[Path, str]:
         prepared = data_path / dataset
     else:
         prepared = default_cache_dir(data_path) / dataset
-    report = preprocess(stage1, prepared, args.input_h, args.input_w, log=log)
+    report = preprocess(stage1, prepared, args.input_h, args.input_w, log=log, skip_bad=args.skip_bad_samples)
     if report.reused:
         log(f"Using the prepared data in {prepared} ({len(report.written)} images; made from {stage1})")
-    return prepared, dataset
+    return prepared, dataset, report.skipped
 
 
 class TrainIoU:
@@ -253,6 +269,13 @@ class TrainIoU:
 
     def compute(self) -> dict[str, float]:
         return {"iou": self.epoch.compute()["jaccard_mean"], "iou_last": self.batch.compute()["jaccard_mean"]}
+
+    # The epoch's IoU is summed over ranks at the epoch's end; the last batch's stays this rank's.
+    def state_tensor(self) -> torch.Tensor:
+        return self.epoch.state_tensor()
+
+    def load_state_tensor(self, state: torch.Tensor) -> None:
+        self.epoch.load_state_tensor(state)
 
 
 class ProgressLog:
@@ -286,9 +309,15 @@ def print_validation(runtime, val: dict, count: int) -> None:
     width = len(str(count))
     runtime.print(
         f"Test: [{count:{width}d}/{count}]\tLoss {val['loss']:.4e}\tIou {val['jaccard_mean']:6.4f}\t"
-        f"Dice {val['dice_mean']:6.4f}\tHD95 {val['hd95_mean']:.2f}"
+        f"Dice {val['dice_mean']:6.4f}\tHD95 {val['hd95_mean']:.2f} ({hd95_left_out(val)})"
     )
     runtime.print(f"[npu id: {runtime.dist.rank} ] [AVG-IOU] * Iou {val['jaccard_mean']:.4f}")
+
+
+def hd95_left_out(val: dict) -> str:
+    """HD95 is a mean over the images where it is defined: say how many were left out (an empty mask
+    on one side only has no surface distance)."""
+    return f"{int(val.get('hd95_excluded', 0))} of {int(val.get('n_images', 0))} images left out"
 
 
 def write_log_csv(path: Path, history: list[dict]) -> None:
@@ -322,14 +351,6 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
     return None
 
 
-def out_of_time(runtime, started: float, epoch_start: float, limit: float) -> bool:
-    """Whether one more epoch, as long as the last one, would end after `limit` seconds (any rank decides)."""
-    now = time.time()
-    late = torch.tensor([float(now + (now - epoch_start) - started > limit)], device=runtime.device.device)
-    runtime.dist.all_reduce(late, "max")
-    return bool(late.item() > 0)
-
-
 def best_record(run: TrainingRun) -> dict:
     if run.best_epoch is None:
         return {}
@@ -346,21 +367,30 @@ class Data:
     train_set: NucleiDataset
     val_set: NucleiDataset
     extra: dict  # for config.json and summary.json
+    notes: list[str]  # for the final result: how many bad samples were left out and where they are listed
+
+
+def _none_left(root: Path, bad: list[BadSample]) -> DataError:
+    return DataError(root, f"every sample is bad ({len(bad)} problem(s)), so none is left to use")
 
 
 def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
-    """Resolve (and prepare) the data, check and cache it, split it and build both datasets."""
-    root, dataset = resolve_data(args, log=runtime.print)
-    # Folders the preparation left out (no image, no masks, unreadable): counted in summary.json.
-    skipped = prepared_skips(root)
-    if skipped:
-        runtime.print(
-            f"WARNING: {len(skipped)} sample folder(s) of the download were skipped when {root} was prepared "
-            "(listed in its .prepared.json); training uses the others"
-        )
-    samples = find_samples(root, args.img_ext, args.mask_ext)
+    """Resolve (and prepare) the data, check and cache it, split it and build both datasets.
+
+    Bad samples are refused, or with --skip_bad_samples left out before the split (so the split is drawn
+    from the samples used), counted and listed in `<save_dir>/skipped_samples.txt`.
+    """
+    root, dataset, prepared_out = resolve_data(args, log=runtime.print)
+    skip = args.skip_bad_samples
+    samples, unpaired = list_samples(root, args.img_ext, args.mask_ext, skip_bad=skip)
+    if not samples:
+        raise _none_left(root, unpaired)
+    h, w, c = args.input_h, args.input_w, args.input_channels
+    samples, unreadable = check_samples(samples, h, w, c, log=runtime.print, skip_bad=skip)
+    if not samples:
+        raise _none_left(root, unpaired + unreadable)
     train_ids, val_ids = split_ids([s[0] for s in samples], args.val_split, args.split_seed)
-    images, masks = cached_arrays(samples, args.input_h, args.input_w, args.input_channels, log=runtime.print)
+    images, masks = cached_arrays(samples, h, w, c, log=runtime.print, checked=True)
     row_of = {s[0]: i for i, s in enumerate(samples)}
     world = runtime.dist.world_size
     repeats = 1 if args.evaluate else repeats_for(len(train_ids), batch, world)
@@ -378,10 +408,22 @@ def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
         f"{args.val_split}, random_state {args.split_seed}) | {args.input_h}x{args.input_w}"
     )
     name = args.name or f"{dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}"
+    save_dir = Path(args.models_dir) / name
+    # The preparation's own list stays in <prepared>/; this run's list holds every sample it left out
+    # (an evaluation's beside its summary, so the training run's list stays as it was).
+    bad = [*prepared_out, *unpaired, *unreadable]
+    list_dir = save_dir / "eval" if args.evaluate else save_dir
+    notes = [skipped_note(bad, list_dir / SKIPPED_LIST)] if bad else []
+    if runtime.is_main:
+        if bad:
+            write_skipped_list(list_dir, bad)
+            print(notes[0], flush=True)
+        else:  # a list left by an earlier run on other data would contradict this run's summary
+            (list_dir / SKIPPED_LIST).unlink(missing_ok=True)
     extra = {"data_root": str(root.resolve()), "dataset": dataset, "name": name,
              "train_images": len(train_ids), "val_images": len(val_ids), "train_repeats": repeats,
-             "skipped_samples": len(skipped), "skipped": [list(s) for s in skipped]}  # fmt: skip
-    return Data(root, name, Path(args.models_dir) / name, train_set, val_set, extra)
+             "skipped_samples": skipped_count(bad), "skipped": [[b.path, b.problem] for b in bad]}  # fmt: skip
+    return Data(root, name, save_dir, train_set, val_set, extra, notes)
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -394,112 +436,98 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Seconds since the test script started (MODELZOO_START_TIME), else since this process started.
-    started = float(os.environ.get("MODELZOO_START_TIME", time.time()))
     args = build_parser().parse_args(argv)
     check_args(args)
-    states = read_checkpoints(args)
+    # Checkpoints first: a missing, damaged or unsafe file stops the run before minutes of preparation.
+    if args.evaluate:
+        start = StartPoint.read(init=evaluation_weights(args), init_flag="--resume")
+    else:
+        start = StartPoint.read(resume=args.resume, init=args.pretrained)
     runtime = setup_runtime(args)
     batch = per_rank_batch(args.batch_size, runtime.dist.world_size)
     data = load_data(args, runtime, batch)
-    pin = runtime.device.kind == "cuda"
-    val_loader = build_loader(data.val_set, batch, runtime.dist, train=False, pin_memory=pin)
-    model = build_model(args)
-    if args.pretrained:
-        load_weights(model, states["pretrained"], name=args.pretrained)
-        runtime.print(f"Initial weights from {args.pretrained}")
-    model = model.to(runtime.device.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = apply_conv_flag(runtime, model)
+    val_loader = build_loader(data.val_set, batch, runtime.dist, train=False, workers=0)
     base_loss = build_loss(args.loss)
     loss_fn = DeepSupervisionLoss(base_loss) if args.deep_supervision else base_loss
     if args.evaluate:
-        return run_evaluation(args, runtime, model, val_loader, loss_fn, data, states.get("resume"))
+        return run_evaluation(args, runtime, start, val_loader, loss_fn, data)
     train_loader = build_loader(
-        data.train_set, batch, runtime.dist, train=True, workers=args.workers, seed=args.seed, pin_memory=pin
+        data.train_set, batch, runtime.dist, train=True, workers=args.workers, seed=args.seed
     )
-    return run_training(args, runtime, model, loss_fn, train_loader, val_loader, data, started)
+    return run_training(args, runtime, start, loss_fn, train_loader, val_loader, data)
 
 
-def run_training(args, runtime, model, loss_fn, train_loader, val_loader, data: Data, started: float) -> int:
-    """The epochs, their log lines and checkpoints, and the ModelZoo summary."""
-    world = runtime.dist.world_size
-    steps_per_epoch = len(train_loader)
-    epochs = math.ceil(args.train_steps / steps_per_epoch) if args.train_steps else args.epochs
-    optimizer = build_optimizer(args, model)
-    model, optimizer = runtime.amp.prepare(model, optimizer)
-    scheduler = build_scheduler(args, optimizer, epochs)
-    if args.compile:
-        model = torch.compile(model)
-    model = runtime.dist.wrap(model, runtime.device)
-    config = describe_config(
-        runtime, {**data.extra, "epochs_run": epochs, "steps_per_epoch": steps_per_epoch}
-    )
-    run = TrainingRun(runtime, data.save_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                      config=config, selection_key="jaccard_mean", network=args.arch,
-                      batch_size=args.batch_size)  # fmt: skip
-    # Resume first: a checkpoint that cannot be used stops the run before config.json is overwritten.
-    start = run.resume(args.resume)
-    print_config(runtime, config, data.save_dir / "config.json")
-    planned = args.train_steps - run.global_step if args.train_steps else steps_per_epoch * (epochs - start)
-    if 0 < planned <= run.throughput.warmup_steps:
-        # A run shorter than the warm-up would report no FPS at all: time all but its first step.
-        run.throughput.warmup_steps = planned - 1
-        runtime.print(
-            f"Note: only {planned} training step(s) planned; FPS skips {planned - 1} warm-up step(s)"
-        )
-    metrics = SegmentationMetrics(compute_hd95=True)
-    progress, train_iou = ProgressLog(runtime), TrainIoU()
-    steps_left = args.train_steps - run.global_step if args.train_steps else None
-    for epoch in range(start, epochs):
-        if steps_left is not None and steps_left <= 0:
-            break
-        epoch_start = time.time()
-        run.begin_epoch(epoch, train_loader)
-        progress.reset()
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, runtime, epoch=epoch,
-                                throughput=run.throughput, on_log=progress, train_metrics=train_iou,
-                                global_step=run.global_step, max_steps=steps_left)  # fmt: skip
-        if steps_left is not None:
-            steps_left -= stats.steps
+class NestedHooks(Hooks):
+    """The reference's log lines, its log.csv and the ModelZoo FPS line."""
+
+    def __init__(self, args, runtime, model, val_loader, loss_fn, data: Data, run: TrainingRun):
+        self.args, self.runtime, self.model, self.val_loader = args, runtime, model, val_loader
+        self.loss_fn, self.data, self.run = loss_fn, data, run
+        self.progress = ProgressLog(runtime)
+        self.metrics = SegmentationMetrics(compute_hd95=True)
+        self.started = time.time()
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.step <= self.runtime.options.log_interval:
+            self.progress.reset()
+        self.progress(info)
+
+    def after_train(self, epoch: int, stats) -> None:
+        world = self.runtime.dist.world_size
         fps = stats.fps(world)
         if not math.isfinite(fps):  # all of this epoch's steps were warm-up steps
             fps = stats.images * world / stats.seconds if stats.seconds > 0 else math.nan
-        runtime.print(f"[npu id: {runtime.dist.rank} ] * FPS@all {fps:.3f}")
-        val = evaluate(model, val_loader, metrics, runtime, loss_fn=loss_fn)
-        print_validation(runtime, val, len(data.val_set))
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["loss"])
-        elif scheduler is not None:
-            scheduler.step()
+        self.runtime.print(f"[npu id: {self.runtime.dist.rank} ] * FPS@all {fps:.3f}")
+
+    def validate(self, epoch: int) -> dict:
+        val = evaluate(self.model, self.val_loader, self.metrics, self.runtime, loss_fn=self.loss_fn)
+        print_validation(self.runtime, val, len(self.data.val_set))
+        return val
+
+    def record(self, epoch: int, stats, val) -> dict:
         # Wall time since the start, and this process's CPU time (all threads): on a shared machine the
         # second tells how long the run would take alone.
-        run.end_epoch(epoch, stats, val, lr=lr, elapsed_s=round(time.time() - started, 1),
-                      cpu_s=round(time.process_time(), 1))  # fmt: skip
-        train_iou_value = (stats.train_metrics or {}).get("iou", math.nan)
-        best_iou = run.best_value if run.best_value is not None else math.nan
-        runtime.print(
-            f"Epoch [{epoch + 1}/{epochs}] loss {stats.loss_mean:.4f} - iou {train_iou_value:.4f} - "
-            f"val_loss {val['loss']:.4f} - val_iou {val['jaccard_mean']:.4f} - val_dice {val['dice_mean']:.4f}"
-            f" - best val_iou {best_iou:.4f} (epoch {run.best_epoch}) - {time.time() - started:.0f} s"
-        )
-        if runtime.is_main:
-            write_log_csv(data.save_dir / "log.csv", run.history)
-        if args.early_stopping >= 0 and run.best_epoch is not None:
-            if epoch + 1 - run.best_epoch >= args.early_stopping:
-                runtime.print(f"=> early stopping: no better validation IoU for {args.early_stopping} epochs")
-                break
-        if args.time_limit > 0 and epoch + 1 < epochs:
-            if out_of_time(runtime, started, epoch_start, args.time_limit):
-                runtime.print(
-                    f"=> time limit: another epoch would end after {args.time_limit:.0f} s; stopping"
-                )
-                break
+        return {"elapsed_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 1)}
 
+    def on_epoch(self, r) -> None:
+        run = self.run
+        train_iou = (r.stats.train_metrics or {}).get("iou", math.nan)
+        best = run.best_value if run.best_value is not None else math.nan
+        val = r.val or {}
+        self.runtime.print(
+            f"Epoch [{r.epoch + 1}/{r.epochs}] loss {r.stats.loss_mean:.4f} - iou {train_iou:.4f} - "
+            f"val_loss {val.get('loss', math.nan):.4f} - val_iou {val.get('jaccard_mean', math.nan):.4f} - "
+            f"val_dice {val.get('dice_mean', math.nan):.4f} - best val_iou {best:.4f} (epoch {run.best_epoch}) - "
+            f"{time.time() - self.started:.0f} s"
+        )
+        if self.runtime.is_main:
+            write_log_csv(self.data.save_dir / "log.csv", run.history)
+
+
+def run_training(args, runtime, start: StartPoint, loss_fn, train_loader, val_loader, data: Data) -> int:
+    """The epochs, their log lines and checkpoints, and the ModelZoo summary."""
+    loop = LoopConfig.from_args(
+        args, epochs=args.epochs, early_stopping=args.early_stopping if args.early_stopping >= 0 else None
+    )
+    epochs = len(loop.plan(len(train_loader)))
+    model = build_model(args)
+    start.load_weights(model)
+    model, optimizer = prepare(model, lambda m: build_optimizer(args, m), runtime, loss_fn=loss_fn)
+    scheduler = build_scheduler(args, optimizer, epochs)
+    config = describe_config(
+        runtime, {**data.extra, "epochs_run": epochs, "steps_per_epoch": len(train_loader)}
+    )
+    target = SummaryTarget.from_env(data.save_dir, args.arch, args.batch_size, runtime.dist.world_size)
+    run = TrainingRun(runtime, data.save_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                      config=config, selection_key="jaccard_mean", target=target)  # fmt: skip
+    # Resume first: a checkpoint that cannot be used stops the run before config.json is overwritten.
+    run.start(start)
+    print_config(runtime, config, data.save_dir / "config.json")
+    hooks = NestedHooks(args, runtime, model, val_loader, loss_fn, data, run)
+    fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=hooks, train_metrics=TrainIoU())
     accuracy = 100.0 * run.best_value if run.best_value is not None else None
-    run.finish(accuracy, details=summary_details(run, data.extra))
+    run.finish(accuracy, details=summary_details(run, data.extra), notes=data.notes,
+               skipped_samples=data.extra["skipped_samples"])  # fmt: skip
     if runtime.is_main and run.best_value is not None:
         print(f"Best validation IoU {run.best_value:.4f} at epoch {run.best_epoch}: {run.best_path}")
     runtime.dist.shutdown()
@@ -531,42 +559,37 @@ def _missing_for_evaluation(path: Path) -> CheckpointError:
     )
 
 
-def read_checkpoints(args: argparse.Namespace) -> dict:
-    """Read --pretrained and --resume before any data is prepared or any network built: a missing, damaged
-    or unsafe file stops the run at once (named, with the reason), not after minutes of preparation.
-
-    Returns the states that are used as they are (--pretrained, and --resume with --evaluate); a training
-    state is read again by TrainingRun.resume, so it is not held in memory meanwhile."""
-    if args.evaluate and args.resume and not Path(args.resume).is_file():
+def evaluation_weights(args: argparse.Namespace) -> str | None:
+    """The checkpoint --evaluate scores when --resume names one; a missing file is refused at once."""
+    if args.resume and not Path(args.resume).is_file():
         raise _missing_for_evaluation(Path(args.resume))
-    states = {}
-    if args.pretrained:
-        states["pretrained"] = load_checkpoint(args.pretrained)
-    if args.resume:
-        state = load_checkpoint(args.resume)
-        if args.evaluate:
-            states["resume"] = state
-    return states
+    return args.resume or None
 
 
-def run_evaluation(args, runtime, model, val_loader, loss_fn, data: Data, state=None) -> int:
+def run_evaluation(args, runtime, start: StartPoint, val_loader, loss_fn, data: Data) -> int:
     """One sharded validation pass of a checkpoint and the ModelZoo `_eval` summary."""
-    path = Path(args.resume) if args.resume else data.save_dir / "model_best.pth.tar"
-    if state is None and not path.is_file():
-        raise _missing_for_evaluation(path)
-    load_weights(model, state if state is not None else path, name=str(path))
+    path = start.init_path or data.save_dir / "model_best.pth.tar"
+    if start.init_path is None:
+        if not path.is_file():
+            raise _missing_for_evaluation(path)
+        start = StartPoint.read(init=path, init_flag="--resume")
+    model = build_model(args)
+    start.load_weights(model)
+    model.to(runtime.device.device)
     runtime.print(f"Evaluating {path} on {len(data.val_set)} validation images")
     val = evaluate(model, val_loader, SegmentationMetrics(compute_hd95=True), runtime, loss_fn=loss_fn)
     print_validation(runtime, val, len(data.val_set))
-    config = describe_config(runtime, {**data.extra, "checkpoint": str(path)})
-    run = TrainingRun(runtime, data.save_dir / "eval", model=model,
-                      optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=config,
-                      selection_key="jaccard_mean", network=args.arch, batch_size=args.batch_size,
-                      mode="eval")  # fmt: skip
-    run.step_losses = [val["loss"]]  # ModelZoo _eval: ActualLoss is the validation loss
-    details = {"checkpoint": str(path), "iou": val["jaccard_mean"], "dice": val["dice_mean"],
-               "hd95": val["hd95_mean"], "validation": val, **data.extra}  # fmt: skip
-    run.finish(100.0 * val["jaccard_mean"], details=details)
+    if runtime.is_main:
+        config = describe_config(runtime, {**data.extra, "checkpoint": str(path)})
+        target = SummaryTarget.from_env(data.save_dir / "eval", args.arch, args.batch_size,
+                                        runtime.dist.world_size, mode="eval")  # fmt: skip
+        details = {"checkpoint": str(path), "iou": val["jaccard_mean"], "dice": val["dice_mean"],
+                   "hd95": val["hd95_mean"], "validation": val, "device": runtime.device.as_dict(),
+                   "config": config, **data.extra}  # fmt: skip
+        # ModelZoo _eval: TrainAccuracy is the validation IoU in percent, ActualLoss the validation loss.
+        write_summary(target, RunSummary(train_accuracy=100.0 * val["jaccard_mean"], actual_loss=val["loss"],
+                                         step_losses=[val["loss"]], details=details, notes=data.notes,
+                                         skipped_samples=data.extra["skipped_samples"]))  # fmt: skip
     runtime.dist.shutdown()
     return 0
 

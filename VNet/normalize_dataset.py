@@ -1,6 +1,6 @@
 """Normalise LUNA16 for V-Net: isotropic spacing, fixed size, clipped and scaled Hounsfield units.
 
-    python3 normalize_dataset.py root_path [vox_spacing Z_MAX Y_MAX X_MAX] [--workers N] [--dry-run]
+    python3 normalize_dataset.py root_path [vox_spacing Z_MAX Y_MAX X_MAX] [--workers N] [--dry-run] [--no_cache]
 
 As the ModelZoo's script, it reads `root_path/lung_ct_image/<uid>.mhd` (CT in HU, MetaImage with .raw or
 .zraw; .nii/.nii.gz/.nrrd also work) and `root_path/seg-lungs-LUNA16/<uid>.mhd` (labels 3 = left lung,
@@ -21,6 +21,8 @@ The report lists, per case, how much lung the crop cut off (raise the size if it
 
 Cases run in parallel worker processes (`--workers`, default min(8, CPUs)); each receives all it needs
 as arguments, so any multiprocessing start method works (the reference relied on fork and globals).
+Then every normalised case is read back, checked and written as the memory-mapped `.npy` files training
+reads (`cache_volumes`; `--no_cache` leaves that to the first training run).
 Every problem is collected and reported at the end in one error naming each file; `--dry-run` performs
 the checks and the crop report without writing anything.
 """
@@ -402,6 +404,18 @@ def ensure_normalized(
     return out
 
 
+def cache_volumes(folder: str | Path, workers: int | None = None, log: Callable[[str], None] = print) -> Path:
+    """Write the normalised cases in `folder` as the `.npy` files training maps (dataset.CaseReader), each
+    checked once; returns the cache folder."""
+    from dataset import check_cases, default_volume_cache_dir, resolve_data  # dataset imports this module
+
+    spec = resolve_data(folder, dataset="luna16", log=log)
+    check_cases(spec, skip_bad=False, workers=workers)
+    cache = default_volume_cache_dir(spec)
+    log(f"{len(spec.cases)} case(s) cached for training as memory-mapped .npy in {cache}")
+    return cache
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -424,6 +438,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--overwrite", action="store_true", help="normalise again even if a complete copy exists"
     )
+    parser.add_argument("--no_cache", "--no-cache", dest="no_cache", action="store_true",
+                        help="do not write the memory-mapped .npy copies training reads (the first run will)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -434,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {args.workers}")
         normalize_tree(args.root_path, settings, args.out, args.workers, args.dry_run, args.overwrite)
+        if not (args.dry_run or args.no_cache):
+            cache_volumes(args.out if args.out is not None else args.root_path, args.workers)
     except ModelZooError as exc:
         print(f"[Error] {exc}", file=sys.stderr)
         return 2

@@ -30,23 +30,25 @@ import numpy as np
 import torch
 from dataset import (
     CaseReader,
+    DataSpec,
     PatchDataset,
     VolumeDataset,
+    check_cases,
     check_patch_size,
     parse_size,
-    read_finite,
+    patch_loader,
     resolve_data,
     split_cases,
     tiles_per_volume,
+    without_cases,
 )
 from normalize_dataset import DEFAULT_SIZE, DEFAULT_SPACING, Settings
 from sliding_window import sliding_window_inference
 from vnet import VNet, reference_weights_init_
 
-from common.checkpoint import load_checkpoint, load_weights
 from common.cli import (
     add_common_args,
-    apply_conv_flag,
+    add_schedule_args,
     describe_config,
     non_negative_float,
     non_negative_int,
@@ -56,14 +58,22 @@ from common.cli import (
     run_main,
     setup_runtime,
 )
-from common.clock import BASES, Clock
-from common.datacheck import check_pairs
+from common.datacheck import (
+    SKIPPED_LIST,
+    BadSample,
+    format_problems,
+    skipped_count,
+    skipped_note,
+    write_skipped_list,
+)
 from common.demo_data import MARKER as DEMO_MARKER
-from common.engine import StepInfo, TrainingRun, evaluate, train_one_epoch
-from common.errors import CheckpointError, ConfigError, DataError
+from common.engine import StepInfo, TrainingRun, evaluate
+from common.errors import ConfigError, DataError
 from common.loader import build_loader
 from common.losses import CrossEntropyLoss, TwoClassDiceLoss
 from common.metrics import SegmentationMetrics
+from common.summary import SummaryTarget
+from common.trainer import Hooks, LoopConfig, StartPoint, fit, prepare
 
 NETWORK = "VNet"
 # The demo LUNA16 volumes are small (about 70 mm across): finer voxels and a smaller box keep them meaningful.
@@ -103,16 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split_seed", type=int, default=0, help="seed of the case split (not --seed)")
     data.add_argument("--split_file", default=None, help='JSON {"train": [...], "val": [...], "test": [...]}')
     data.add_argument(
-        "--cache_mb", type=non_negative_int, default=1024, help="decoded volumes kept per process"
+        "--cache_mb",
+        type=non_negative_int,
+        default=1024,
+        help="decoded volumes kept per process when the .npy volume cache cannot be written",
     )
 
     val = parser.add_argument_group("validation")
     val.add_argument("--val_patch_size", default=None, help="sliding-window size (default: --patch_size)")
     val.add_argument("--val_overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     val.add_argument("--val_batch", type=positive_int, default=1, help="windows per forward pass")
-    val.add_argument(
-        "--val_interval", type=positive_int, default=1, help="validate every N epochs (and last)"
-    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--elu", action="store_true", help="ELU activations (default PReLU, as the reference)")
@@ -151,12 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--save", default=None, help="checkpoint folder (default work/vnet.base.<UTC time>)")
     run.add_argument("--resume", default="", help="vnet_checkpoint.pth.tar to continue from")
-    run.add_argument("--max_time", type=non_negative_float, default=0.0,
-                     help="stop after the epoch that passes this many seconds of training (0: no limit)")  # fmt: skip
-    run.add_argument("--max_time_basis", choices=BASES, default="wall",
-                     help="seconds of wall clock, or CPU seconds per torch thread (a shared machine)")  # fmt: skip
     run.add_argument("--print", nargs="?", const="1", default=None, help=argparse.SUPPRESS)  # ModelZoo compat
-    add_common_args(parser, seed=1, workers=2)
+    add_common_args(parser, seed=1)
+    add_schedule_args(parser)
     return parser
 
 
@@ -219,18 +226,64 @@ def parse_milestones(text: str) -> list[int]:
     return values
 
 
-def validate_shard(spec, indices: list[int], runtime) -> None:
-    """Every rank reads its share of the cases; a bad file anywhere stops every rank with the full list."""
-    problem = ""
+def validate_shard(spec: DataSpec, indices: list[int], runtime, skip_bad: bool = False) -> list[BadSample]:
+    """Every rank reads its share of the cases; a bad file anywhere stops every rank with the full list.
+
+    With `skip_bad` the bad cases are returned instead: those of every rank, on every rank, so all ranks
+    leave out the same cases and keep the same split.
+    """
+    problem, bad = "", []
     try:
-        check_pairs([spec.cases[i] for i in indices], read_finite, read_finite, check_size=True)
+        bad = check_cases(spec, indices, skip_bad=skip_bad)
     except DataError as exc:
         problem = str(exc)
-    (bad,) = runtime.dist.reduce_scalars([1.0 if problem else 0.0], runtime.device.device, "sum")
+    (failed,) = runtime.dist.reduce_scalars([1.0 if problem else 0.0], runtime.device.device, "sum")
     if problem:
         raise DataError(None, problem)
-    if bad:
+    if failed:
         raise DataError(None, "another rank found bad data files (see its log: test/output/<rank>/)")
+    return gather_bad(bad, runtime) if skip_bad else []
+
+
+def gather_bad(bad: list[BadSample], runtime) -> list[BadSample]:
+    """The bad samples every rank found, sorted (the same list on every rank)."""
+    if not runtime.dist.initialized:
+        return sorted(bad)
+    # all_gather_object pickles into uint8 tensors (sizes as int64) on the device of the group's backend,
+    # the current device for NCCL and HCCL, which setup_runtime has set (pytorch/pytorch
+    # torch/distributed/distributed_c10d.py, all_gather_object and _get_object_coll_device); HCCL moves
+    # both dtypes (Ascend/pytorch torch_npu/csrc/distributed/HCCLUtils.cpp, kScalarTypeToHcclDataType).
+    shares: list[list[BadSample] | None] = [None] * runtime.dist.world_size
+    torch.distributed.all_gather_object(shares, [tuple(b) for b in bad])
+    return sorted({BadSample(*b) for share in shares for b in share or ()})
+
+
+def drop_from_split(split: dict[str, list[str]], bad: list[BadSample], root: Path) -> dict[str, list[str]]:
+    """`split` without the cases of `bad`; DataError when the training or validation split is left empty."""
+    ids = {b.id for b in bad}
+    kept = {part: [case for case in cases if case not in ids] for part, cases in split.items()}
+    for part in ("train", "val"):
+        if split[part] and not kept[part]:
+            raise DataError(
+                root,
+                f"every case of the {part} split is bad, so it would be empty:\n"
+                + format_problems([(b.path, b.problem) for b in bad if b.id in split[part]])
+                + "\nFix these files, or choose another split (--val_fraction, --split_seed, --split_file).",
+            )
+    return kept
+
+
+def skipped_notes(skipped: list[BadSample], save_dir: Path, runtime) -> list[str]:
+    """List the cases left out in `<save_dir>/skipped_samples.txt` and say so (rank 0); the summary notes."""
+    path = save_dir / SKIPPED_LIST
+    notes = [skipped_note(skipped, path)] if skipped else []
+    if runtime.is_main:
+        if skipped:
+            write_skipped_list(save_dir, skipped)
+            print(notes[0], flush=True)
+        else:  # a list left by an earlier run on other data would contradict this run's summary
+            path.unlink(missing_ok=True)
+    return notes
 
 
 def check_batchnorm(patch: tuple[int, ...], batch: int) -> None:
@@ -242,17 +295,6 @@ def check_batchnorm(patch: tuple[int, ...], batch: int) -> None:
             "voxel per channel (1/16 of each axis) and BatchNorm needs more than one value per channel in "
             "training; use an axis of 32 or more (e.g. 16x16x32) or --batchSz 2 or more"
         )
-
-
-def read_resume_state(path: str) -> dict:
-    """The training state of a --resume checkpoint, read and checked before any data or model work."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "optimizer" not in state or "epoch" not in state:
-        raise CheckpointError(
-            f"{path} holds weights only, not a training state; use it with --pretrained (initial weights) "
-            "or pass a vnet_checkpoint.pth.tar written by train.py to --resume"
-        )
-    return state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,22 +309,27 @@ def main(argv: list[str] | None = None) -> int:
     milestones = parse_milestones(args.lr_milestones)
     if not 0.0 <= args.val_overlap < 1.0:
         raise ConfigError(f"--val_overlap must lie in [0, 1), got {args.val_overlap}")
-    resume_state = read_resume_state(args.resume) if args.resume else None
-    pretrained = load_checkpoint(args.pretrained) if args.pretrained else None
+    start = StartPoint.read(resume=args.resume, init=args.pretrained)
     runtime = setup_runtime(args)
-    dist, device = runtime.dist, runtime.device.device
+    dist = runtime.dist
     data_path = Path(args.data)
     save_dir = Path(args.save or f"work/vnet.base.{datetime.now(timezone.utc):%Y-%m-%d_%H-%M-%S}")
 
     # ---- data --------------------------------------------------------------------------------------
     settings = luna_settings(args, data_path) if (data_path / "lung_ct_image").is_dir() else None
     spec = resolve_data(data_path, dataset=args.dataset, label_map=args.label_map, intensity=args.intensity,
-                        settings=settings, workers=args.normalize_workers, log=runtime.print)  # fmt: skip
+                        settings=settings, workers=args.normalize_workers, log=runtime.print,
+                        skip_bad=args.skip_bad_samples)  # fmt: skip
     split = split_cases(spec.ids, args.val_fraction, args.test_fraction, args.split_seed, args.split_file)
     index_of = {case_id: i for i, case_id in enumerate(spec.ids)}
+    shard = [index_of[i] for i in split["train"] + split["val"]][dist.rank :: dist.world_size]
+    bad = validate_shard(spec, shard, runtime, skip_bad=args.skip_bad_samples)
+    if bad:
+        spec, split = without_cases(spec, bad), drop_from_split(split, bad, spec.root)
+        index_of = {case_id: i for i, case_id in enumerate(spec.ids)}
     train_idx = [index_of[i] for i in split["train"]]
     val_idx = [index_of[i] for i in split["val"]]
-    validate_shard(spec, (train_idx + val_idx)[dist.rank :: dist.world_size], runtime)
+    notes = skipped_notes(spec.skipped, save_dir, runtime)
     reader = CaseReader(spec, cache_bytes=args.cache_mb << 20)
     train_shapes = [reader(i)[0].shape for i in train_idx[:64]]
     patch = check_patch_size(
@@ -297,20 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     spv = args.samples_per_volume or tiles_per_volume(np.max(np.asarray(train_shapes), axis=0), patch)
     train_set = PatchDataset(reader, train_idx, patch, spv, args.foreground_prob, args.flip, seed=args.seed)
     val_set = VolumeDataset(reader, val_idx)
-    train_loader = build_loader(
-        train_set, args.batchSz, dist, train=True, workers=args.workers, seed=args.seed
-    )
+    # Patches grouped by volume: a mapped volume serves several patches in a row.
+    train_loader = patch_loader(train_set, args.batchSz, dist, workers=args.workers, seed=args.seed)
     val_loader = build_loader(val_set, 1, dist, train=False, workers=0)
 
     # ---- model, loss, optimisation --------------------------------------------------------------------
     model = VNet(elu=args.elu, nll=True, skip_dropout=not args.no_skip_dropout,
                  checkpoint_stages=args.checkpoint_stages)  # fmt: skip
     reference_weights_init_(model)
-    if pretrained is not None:
-        load_weights(model, pretrained, name=args.pretrained)
-    model = apply_conv_flag(runtime, model.to(device))
-    if args.compile:
-        model = torch.compile(model)
+    start.load_weights(model)
     if args.loss == "dice":
         loss_fn = TwoClassDiceLoss(squared=True)
     elif args.loss == "dice_ce":
@@ -319,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         # The reference's class weights from the foreground share m: w_bg = m / (1 + m), w_fg = 1 - w_bg.
         fg = float(np.mean([reader(i)[1].mean() for i in train_idx[:64]]))
         loss_fn = CrossEntropyLoss(weight=[fg / (1 + fg), 1 - fg / (1 + fg)])
-    optimizer = build_optimizer(args, model.parameters())
+    model, optimizer = prepare(
+        model, lambda m: build_optimizer(args, m.parameters()), runtime, loss_fn=loss_fn
+    )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, args.lr_decay)
-    model, optimizer = runtime.amp.prepare(model, optimizer)
-    model = dist.wrap(model, runtime.device)
 
     # What a reference mask's labels mean to predict.py: the labels the normalisation kept as lung.
     lung_labels = (
@@ -341,96 +383,98 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(split['test'])} held-out test cases; {len(train_set)} patches of {'x'.join(map(str, patch))} "
         f"per epoch; validation by sliding window {'x'.join(map(str, val_patch))}, overlap {args.val_overlap}"
     )
+    target = SummaryTarget.from_env(save_dir, NETWORK, args.batchSz, dist.world_size)
     run = TrainingRun(runtime, save_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
-                      selection_key="dice_mean", network=NETWORK, batch_size=args.batchSz,
-                      latest_name="vnet_checkpoint.pth.tar", best_name="vnet_model_best.pth.tar")  # fmt: skip
-    start_epoch = run.resume(args.resume, state=resume_state)
-    resume_state = None  # the optimizer holds its own copy now
-    total_steps = (args.nEpochs - start_epoch) * len(train_loader)
-    if run.throughput.warmup_steps >= total_steps:
-        run.throughput.warmup_steps = max(0, total_steps // 2)
-        runtime.print(
-            f"note: this run has {total_steps} step(s); FPS skips the first {total_steps // 2} as warm-up"
-        )
+                      selection_key="dice_mean", target=target, latest_name="vnet_checkpoint.pth.tar",
+                      best_name="vnet_model_best.pth.tar")  # fmt: skip
+    start_epoch = run.start(start)
     if runtime.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "split.json").write_text(json.dumps(split, indent=1) + "\n")
-    mode = "a" if start_epoch > 0 else "w"
-    train_csv = open(save_dir / "train.csv", mode) if runtime.is_main else None  # noqa: SIM115
-    test_csv = open(save_dir / "test.csv", mode) if runtime.is_main else None  # noqa: SIM115
-
-    n_train = len(train_loader) * args.batchSz  # samples per rank and epoch, as the reference counts them
-    train_metrics = SegmentationMetrics()
-    voxels = [0]
-
-    def window_forward(net: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        voxels[0] += inputs[0].numel() * inputs.shape[0]
-        probs = sliding_window_inference(
-            inputs, net, val_patch, overlap=args.val_overlap, batch_size=args.val_batch
+    hooks = VNetHooks(args, runtime, model, val_loader, loss_fn, val_patch, save_dir,
+                      append=start_epoch > 0, samples_per_epoch=len(train_loader) * args.batchSz)  # fmt: skip
+    loop = LoopConfig.from_args(args, epochs=args.nEpochs)
+    try:
+        fit(
+            run,
+            loop,
+            train_loader=train_loader,
+            loss_fn=loss_fn,
+            hooks=hooks,
+            train_metrics=SegmentationMetrics(),
         )
-        return torch.log(
-            probs.clamp_min(1e-7)
-        )  # log-probabilities: what the metrics and losses take as logits
-
-    def log_step(info: StepInfo) -> None:
-        partial = info.epoch + (info.step - 1) / info.steps
-        err = 100.0 * (1.0 - info.train_metrics["acc_pooled"]) if info.train_metrics else float("nan")
-        runtime.print(
-            f"Train Epoch: {partial:.2f} [{info.step * args.batchSz}/{n_train} ({100.0 * info.step / info.steps:.0f}%)] "
-            f"Loss: {info.loss:.4f} Error: {err:.4f}% Lr: {info.lr:.4f} FPS: {info.fps:.4f})"
-        )
-        if train_csv is not None:
-            train_csv.write(f"{partial:.2f},{info.loss:.4f},{err:.4f},{info.fps:.4f}\n")
-            train_csv.flush()
-
-    last = {"dice": None, "error": None}
-    clock = Clock(args.max_time_basis)
-    for epoch in range(start_epoch, args.nEpochs):
-        run.begin_epoch(epoch, train_loader)
-        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, runtime, epoch=epoch,
-                                throughput=run.throughput, global_step=run.global_step, on_log=log_step,
-                                train_metrics=train_metrics)  # fmt: skip
-        (elapsed,) = dist.reduce_scalars([clock.elapsed()], runtime.device.device, "max")
-        out_of_time = 0 < args.max_time <= elapsed
-        val = None
-        if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.nEpochs or out_of_time:
-            voxels[0] = 0
-            val = evaluate(
-                model, val_loader, SegmentationMetrics(), runtime, loss_fn=loss_fn, forward=window_forward
-            )
-            (total,) = dist.reduce_scalars([float(voxels[0])], runtime.device.device, "sum")
-            wrong = int(round((1.0 - val["acc_pooled"]) * total))
-            error = 100.0 * wrong / total if total else float("nan")
-            val["error_rate"] = error
-            last.update(dice=val["dice_mean"], error=error)
-            runtime.print(
-                f"\nTest set: Average loss: {val['loss']:.4f}, Error: {wrong}/{int(total)} ({error:.4f}%) "
-                f"Dice: {val['dice_mean']:.4f}\n"
-            )
-            if test_csv is not None:
-                test_csv.write(f"{epoch + 1},{val['loss']:.4f},{error:.4f},{val['dice_mean']:.4f}\n")
-                test_csv.flush()
-        scheduler.step()
-        run.end_epoch(epoch, stats, val, elapsed_s=elapsed)
-        if out_of_time:
-            runtime.print(
-                f"--max_time {args.max_time:g} s ({args.max_time_basis}) reached after epoch {epoch + 1} "
-                f"({clock.wall():.0f} s wall-clock, {clock.cpu():.0f} CPU-s per thread)"
-            )
-            break
+    finally:
+        hooks.close()
+    last = hooks.last
     if last["dice"] is None and run.history:  # resumed after the last epoch: report the recorded numbers
         recorded = [h for h in run.history if "dice_mean" in h]
         if recorded:
             last.update(dice=recorded[-1]["dice_mean"], error=recorded[-1].get("error_rate"))
-    for handle in (train_csv, test_csv):
-        if handle is not None:
-            handle.close()
     extra = {"ErrorRate": f"{last['error']:.4f}%"} if last["error"] is not None else {}
-    run.finish(last["dice"], extra_lines=extra, details={"split": split, "patch_size": list(patch)})
+    run.finish(last["dice"], extra_lines=extra, details={"split": split, "patch_size": list(patch)},
+               notes=notes, skipped_samples=skipped_count(spec.skipped))  # fmt: skip
     if runtime.is_main and run.best_value is not None:
         print(f"Best validation Dice {run.best_value:.4f} at epoch {run.best_epoch}: {run.best_path}")
     dist.shutdown()
     return 0
+
+
+class VNetHooks(Hooks):
+    """The reference's log lines and train.csv / test.csv, and sliding-window validation with its error rate."""
+
+    def __init__(self, args, runtime, model, val_loader, loss_fn, val_patch, save_dir: Path, *, append: bool,
+                 samples_per_epoch: int):  # fmt: skip
+        self.args, self.runtime, self.model, self.val_loader = args, runtime, model, val_loader
+        self.loss_fn, self.val_patch, self.samples_per_epoch = loss_fn, val_patch, samples_per_epoch
+        mode = "a" if append else "w"
+        self.train_csv = open(save_dir / "train.csv", mode) if runtime.is_main else None  # noqa: SIM115
+        self.test_csv = open(save_dir / "test.csv", mode) if runtime.is_main else None  # noqa: SIM115
+        self.voxels = 0
+        self.last: dict = {"dice": None, "error": None}
+
+    def close(self) -> None:
+        for handle in (self.train_csv, self.test_csv):
+            if handle is not None:
+                handle.close()
+
+    def on_step(self, info: StepInfo) -> None:
+        partial = info.epoch + (info.step - 1) / info.steps
+        err = 100.0 * (1.0 - info.train_metrics["acc_pooled"]) if info.train_metrics else float("nan")
+        self.runtime.print(
+            f"Train Epoch: {partial:.2f} [{info.step * self.args.batchSz}/{self.samples_per_epoch} "
+            f"({100.0 * info.step / info.steps:.0f}%)] Loss: {info.loss:.4f} Error: {err:.4f}% Lr: {info.lr:.4f} "
+            f"FPS: {info.fps:.4f})"
+        )
+        if self.train_csv is not None:
+            self.train_csv.write(f"{partial:.2f},{info.loss:.4f},{err:.4f},{info.fps:.4f}\n")
+            self.train_csv.flush()
+
+    def window_forward(self, net: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        self.voxels += inputs[0].numel() * inputs.shape[0]
+        probs = sliding_window_inference(
+            inputs, net, self.val_patch, overlap=self.args.val_overlap, batch_size=self.args.val_batch
+        )
+        # Log-probabilities: what the metrics and losses take as logits.
+        return torch.log(probs.clamp_min(1e-7))
+
+    def validate(self, epoch: int) -> dict:
+        self.voxels = 0
+        runtime = self.runtime
+        val = evaluate(self.model, self.val_loader, SegmentationMetrics(), runtime, loss_fn=self.loss_fn,
+                       forward=self.window_forward)  # fmt: skip
+        (total,) = runtime.dist.reduce_scalars([float(self.voxels)], runtime.device.device, "sum")
+        wrong = int(round((1.0 - val["acc_pooled"]) * total))
+        error = 100.0 * wrong / total if total else float("nan")
+        val["error_rate"] = error
+        self.last.update(dice=val["dice_mean"], error=error)
+        runtime.print(
+            f"\nTest set: Average loss: {val['loss']:.4f}, Error: {wrong}/{int(total)} ({error:.4f}%) "
+            f"Dice: {val['dice_mean']:.4f}\n"
+        )
+        if self.test_csv is not None:
+            self.test_csv.write(f"{epoch + 1},{val['loss']:.4f},{error:.4f},{val['dice_mean']:.4f}\n")
+            self.test_csv.flush()
+        return val
 
 
 if __name__ == "__main__":

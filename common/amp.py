@@ -4,18 +4,32 @@ The ModelZoo flags (`--amp`, `--opt-level O0..O3`, `--loss-scale dynamic|<number
 
 * Ascend or NVIDIA apex, when `apex.amp` imports (on NPU always preferred; on CUDA only with
   `--use_apex`): `amp.initialize` (with `combine_grad=True` on NPU) and `amp.scale_loss`.
-* otherwise native `torch.amp`: fp16 autocast with a loss scaler on CUDA/NPU (dynamic, or a static scale
-  that never changes), bf16 autocast on CPU (no scaler needed: bf16 has fp32's exponent range).
+* otherwise native `torch.amp`. `--amp-dtype auto` picks bf16 autocast without a loss scaler (bf16 has
+  fp32's exponent range) where the device computes bf16 in hardware: NVIDIA compute capability >= 8.0,
+  Ascend 910B and later, and always on the CPU; elsewhere fp16 autocast with a loss scaler (dynamic, or a
+  static scale that never changes).
+* `--amp=auto`: on an accelerator the same as `--amp`; on the CPU bf16 only where the CPU has bf16
+  instructions (AVX512-BF16, AMX, Arm BF16) and timing a few training steps of the real model says bf16
+  is faster (`choose_by_timing`, before the first epoch), else fp32. `--deterministic` keeps fp32 there.
 * O0, or no `--amp`: fp32.
 
 Every path skips a step whose gradients are not finite instead of applying it, counts it, and raises
 `TrainingDiverged` once `max_consecutive_skips` steps in a row were skipped: a NaN that persists is a bug
 in the data or the setup, and training on would only overwrite good weights.
+
+On NPU, fp16 with a dynamic loss scale uses torch_npu's own GradScaler, and every other path reads the
+chip's float-status flag where the chip has no inf/nan mode (Atlas training series: an overflow saturates
+to finite values and only raises that flag), and agrees on the verdict across ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -50,9 +64,79 @@ def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
-def unscale_and_check(optimizer: torch.optim.Optimizer, inv_scale: float) -> bool:
-    """Multiply every gradient by `inv_scale` in place; True when any gradient is inf or NaN."""
-    grads = _grads(optimizer)
+def _torch_npu():
+    try:
+        import torch_npu
+    except BaseException:  # noqa: BLE001 - a broken CANN install raises anything
+        return None
+    return torch_npu
+
+
+def uses_float_status(device: DeviceInfo) -> bool:
+    """True on an NPU that signals overflow through its float-status flag, with saturated (finite) values.
+
+    torch_npu.npu.utils.is_support_inf_nan() is False on the Atlas training series (saturation mode); builds
+    of torch_npu from before chips with inf/nan mode lack the function and only have the flag.
+    """
+    if device.kind != "npu":
+        return False
+    torch_npu = _torch_npu()
+    npu = getattr(torch_npu, "npu", None)
+    if npu is None or not hasattr(npu, "get_npu_overflow_flag"):
+        return False
+    check = getattr(getattr(npu, "utils", None), "is_support_inf_nan", None)
+    if check is None:
+        return True
+    try:
+        return not bool(check())
+    except BaseException:  # noqa: BLE001
+        return False
+
+
+def clear_float_status() -> None:
+    """Reset the NPU's overflow flag, so that it then reports only what the next backward overflows."""
+    _torch_npu().npu.clear_npu_overflow_flag()
+
+
+def _read_float_status() -> bool:
+    npu = _torch_npu().npu
+    flagged = bool(npu.get_npu_overflow_flag())
+    if flagged:
+        npu.clear_npu_overflow_flag()
+    return flagged
+
+
+def _any_rank(found: bool, device: torch.device) -> bool:
+    """Whether any rank of the default process group found an overflow (every rank must call this)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return found
+    flag = torch.full((1,), 1.0 if found else 0.0, dtype=torch.float32, device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def unscale_and_check(
+    optimizer: torch.optim.Optimizer, inv_scale: float, device: DeviceInfo | None = None
+) -> bool:
+    """Multiply every gradient by `inv_scale` in place; True when any gradient is inf or NaN.
+
+    With `device` an NPU in saturation mode (`uses_float_status`), the float-status flag counts too (and
+    is cleared), and the verdict is all-reduced over the default process group: an overflow there leaves
+    finite gradients that DDP's all-reduce does not turn into inf on the other ranks, so ranks would
+    otherwise disagree and their weights drift apart. torch_npu's GradScaler agrees the same way
+    (torch_npu/npu/amp/grad_scaler.py, `_sync_dist_overflow_count`).
+    """
+    float_status = device is not None and uses_float_status(device)
+    flagged = _read_float_status() if float_status else False
+    found = _unscale_and_find_nonfinite(_grads(optimizer), inv_scale) or flagged
+    if float_status:
+        found = _any_rank(found, device.device)
+    return found
+
+
+def _unscale_and_find_nonfinite(grads: list[torch.Tensor], inv_scale: float) -> bool:
     if not grads:
         return False
     found = False
@@ -76,14 +160,15 @@ def unscale_and_check(optimizer: torch.optim.Optimizer, inv_scale: float) -> boo
 class _StaticScaler:
     """A fixed loss scale (ModelZoo `--loss-scale 128`): overflowing steps are skipped, the scale stays."""
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, device: DeviceInfo | None = None):
         self.scale_value = float(scale)
+        self.device = device
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale_value
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        if unscale_and_check(optimizer, 1.0 / self.scale_value):
+        if unscale_and_check(optimizer, 1.0 / self.scale_value, self.device):
             return False
         optimizer.step()
         return True
@@ -96,10 +181,120 @@ class _StaticScaler:
 
 
 def _torch_grad_scaler(kind: str, init_scale: float) -> torch.amp.GradScaler:
-    try:
+    if kind != "npu":
         return torch.amp.GradScaler(kind, init_scale=init_scale)
-    except (TypeError, RuntimeError, AttributeError):
-        return torch.npu.amp.GradScaler(init_scale=init_scale)  # older torch_npu
+    # Not torch.amp.GradScaler("npu"): upstream's scaler neither clears nor reads the float-status flag of
+    # a chip in saturation mode, nor agrees on overflow across ranks; torch_npu's does both
+    # (torch_npu/npu/amp/grad_scaler.py: scale() clears the flag, _sync_dist_overflow_count all-reduces).
+    try:
+        from torch_npu.npu.amp import GradScaler
+    except BaseException as exc:  # noqa: BLE001
+        raise ConfigError(
+            f"fp16 with a dynamic loss scale on NPU needs torch_npu.npu.amp.GradScaler, which does not import "
+            f"({type(exc).__name__}: {exc}); use --loss-scale <number> or --amp-dtype bf16"
+        ) from exc
+    return GradScaler(init_scale=init_scale)
+
+
+# ------------------------------------------------------------------------------------- bf16 in hardware
+
+# /proc/cpuinfo names of the CPU instructions that compute bf16: x86 "flags" (AVX512-BF16, AMX-BF16) and
+# aarch64 "Features" (Armv8.6 BF16).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ARM_BF16_FEATURE = "bf16"
+
+# SoC names of the Ascend chips torch_npu counts as having bf16: c10_npu::IsBF16Supported() is
+# `GetSocVersion() >= SocVersion::Ascend910B1` (Ascend/pytorch torch_npu/csrc/core/npu/NpuVariables.cpp),
+# i.e. Ascend910B1..B4, Ascend310B1..B4, Ascend910_93xx and later. "Ascend910B" and "Ascend910ProB" are
+# older members of the 910 series (enum values below Ascend910B1), without bf16.
+_NPU_BF16_SOC = re.compile(r"^Ascend(910B\d|310B\d|910_9\d{2,}|9[5-9]\d)")
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The bf16 instructions /proc/cpuinfo (or the given text of it) lists for this CPU; [] when none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return []
+    found: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, words = key.strip().lower(), value.split()
+        if key == "flags":
+            found.update(flag for flag in CPU_BF16_FLAGS if flag in words)
+        elif key == "features" and ARM_BF16_FEATURE in words:
+            found.add(ARM_BF16_FEATURE)
+    return sorted(found)
+
+
+def _onednn_runs_bf16() -> bool:
+    """Whether this torch's oneDNN takes bf16 convolutions at all (it needs AVX512BW/VL/DQ on x86).
+
+    Not a test for bf16 in hardware: aten's `mkldnn_bf16_device_check` accepts AVX512 CPUs that emulate
+    bf16 (aten/src/ATen/native/mkldnn/Utils.h), hence the /proc/cpuinfo flags as well.
+    """
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    if check is None:
+        return True
+    try:
+        return bool(check())
+    except (RuntimeError, AttributeError):
+        return True
+
+
+def cpu_bf16_support(cpuinfo: str | None = None) -> tuple[bool, str]:
+    """(bf16 in hardware, what says so) for this CPU."""
+    flags = cpu_bf16_flags(cpuinfo)
+    if not flags:
+        return False, "no avx512_bf16, amx_bf16 or Arm bf16 in /proc/cpuinfo"
+    if not _onednn_runs_bf16():
+        return False, f"{'/'.join(flags)} present, but this torch's oneDNN has no bf16 kernels for it"
+    return True, "/".join(flags)
+
+
+def cuda_bf16_support(index: int) -> tuple[bool, str]:
+    """(bf16 in hardware, what says so) for CUDA device `index`: Ampere (8.0) and later.
+
+    Both checks, because `torch.cuda.is_bf16_supported()` also answers True for older GPUs that only
+    emulate bf16 (its `including_emulation` default, torch/cuda/__init__.py).
+    """
+    major, minor = torch.cuda.get_device_capability(index)
+    detail = f"compute capability {major}.{minor}"
+    return (major, minor) >= (8, 0) and bool(torch.cuda.is_bf16_supported()), detail
+
+
+def npu_bf16_support(device: DeviceInfo) -> tuple[bool, str]:
+    """(bf16 in hardware, the SoC name) for an Ascend NPU: 910B and later.
+
+    torch_npu answers through `torch_npu.npu.is_bf16_supported()` (torch_npu/npu/utils.py, which calls
+    `torch_npu._C._npu_is_bf16_supported`); builds from before it have only the SoC name.
+    """
+    name = device.name
+    npu = getattr(_torch_npu(), "npu", None)
+    try:
+        name = str(npu.get_device_name(device.index))
+    except BaseException:  # noqa: BLE001 - a broken CANN install raises anything
+        pass
+    utils = getattr(npu, "utils", None)
+    check = getattr(npu, "is_bf16_supported", None) or getattr(utils, "is_bf16_supported", None)
+    if check is not None:
+        try:
+            return bool(check()), name
+        except BaseException:  # noqa: BLE001
+            pass
+    return bool(_NPU_BF16_SOC.match(name)), name
+
+
+def bf16_support(device: DeviceInfo, cpuinfo: str | None = None) -> tuple[bool, str]:
+    """(bf16 in hardware, what says so) for the device a run uses."""
+    if device.kind == "cuda":
+        return cuda_bf16_support(device.index)
+    if device.kind == "npu":
+        return npu_bf16_support(device)
+    return cpu_bf16_support(cpuinfo)
 
 
 class MixedPrecision:
@@ -107,29 +302,35 @@ class MixedPrecision:
 
     Args:
         device: from `common.device.select_device`.
-        enabled: the `--amp` flag. False, or opt_level "O0", means fp32.
+        enabled: the `--amp` flag: True, False, or "auto" (on the CPU: bf16 or fp32 by `choose_by_timing`;
+            elsewhere as True). False, or opt_level "O0", means fp32.
         opt_level: apex opt level O0..O3; with torch.amp every level above O0 is autocast.
         loss_scale: "dynamic" or a number (fp16 only; bf16 and fp32 need none).
-        dtype: "auto" (fp16 on CUDA/NPU, bf16 on CPU), "fp16" or "bf16".
+        dtype: "auto" (bf16 where the device has it in hardware and on the CPU, else fp16), "fp16" or
+            "bf16".
         prefer_apex: use apex on CUDA when it imports (on NPU apex is used whenever it imports).
         max_consecutive_skips: raise TrainingDiverged after this many skipped steps in a row.
+        deterministic: with enabled="auto" on the CPU, keep fp32 (a timing must not choose the numerics).
     """
 
     def __init__(
         self,
         device: DeviceInfo,
-        enabled: bool = False,
+        enabled: bool | str = False,
         opt_level: str = "O2",
         loss_scale: str | float = "dynamic",
         dtype: str = "auto",
         prefer_apex: bool = False,
         max_consecutive_skips: int = 50,
+        deterministic: bool = False,
     ):
         opt_level = str(opt_level).upper()
         if opt_level not in OPT_LEVELS:
             raise ConfigError(f"--opt-level must be one of {', '.join(OPT_LEVELS)}, got {opt_level!r}")
         if dtype not in ("auto", "fp16", "bf16"):
             raise ConfigError(f"--amp-dtype must be auto, fp16 or bf16, got {dtype!r}")
+        if enabled not in (True, False, "auto"):
+            raise ConfigError(f"--amp takes no value, or 'auto'; got {enabled!r}")
         self.device = device
         self.opt_level = opt_level if enabled else "O0"
         self.loss_scale = parse_loss_scale(loss_scale)
@@ -139,26 +340,137 @@ class MixedPrecision:
         self._apex = None
         self._scaler = None
         self.dtype: torch.dtype | None = None
+        self.note = ""  # why this precision, for describe()
+        self.pending = False  # --amp=auto on the CPU until choose_by_timing has run
+        self._float_status = uses_float_status(device)
+        self.backend = "none"
         if self.opt_level == "O0":
-            self.backend = "none"
             return
         apex_amp = _apex_amp() if device.kind in ("npu", "cuda") else None
         if apex_amp is not None and (device.kind == "npu" or prefer_apex):
             self.backend, self._apex, self.dtype = "apex", apex_amp, torch.float16
+            self.note = "apex.amp imports on this NPU" if device.kind == "npu" else "--use_apex"
+            return
+        if device.kind == "cpu":
+            self._init_cpu(enabled == "auto", dtype, deterministic)
             return
         self.backend = "torch"
         if dtype == "auto":
-            dtype = "bf16" if device.kind == "cpu" else "fp16"
+            has_bf16, detail = bf16_support(device)
+            dtype = "bf16" if has_bf16 else "fp16"
+            self.note = f"auto: {'bf16' if has_bf16 else 'no bf16'} in hardware, {detail}"
         self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
         if self.dtype == torch.float16:
-            if device.kind == "cpu":
-                raise ConfigError(
-                    "fp16 autocast is not supported for training on the CPU; use bf16 (the default)"
-                )
             if self.loss_scale == "dynamic":
                 self._scaler = _torch_grad_scaler(device.kind, 2.0**16)
             else:
-                self._scaler = _StaticScaler(self.loss_scale)
+                self._scaler = _StaticScaler(self.loss_scale, device)
+
+    def _init_cpu(self, auto: bool, dtype: str, deterministic: bool) -> None:
+        """bf16 autocast when asked (`--amp`, `--amp-dtype bf16`); with `--amp=auto` fp32 until timed."""
+        if dtype == "fp16":
+            raise ConfigError(
+                "fp16 autocast is not supported for training on the CPU; use bf16 (the default)"
+            )
+        has_bf16, detail = cpu_bf16_support()
+        if not auto or dtype == "bf16":
+            self.backend, self.dtype = "torch", torch.bfloat16
+            self.note = f"bf16 in hardware: {detail}" if has_bf16 else f"bf16 emulated: {detail}"
+        elif not has_bf16:
+            self.note = f"--amp=auto: fp32, no bf16 in this CPU's hardware: {detail}"
+        elif deterministic:
+            self.note = "--amp=auto: fp32 with --deterministic, as bf16 would change the numerics"
+        else:
+            self.pending = True
+            self.note = f"--amp=auto: bf16 on {detail} or fp32, whichever trains faster; not timed yet"
+
+    def settle(
+        self,
+        runtime: Any,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: Any,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        prepare_batch: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        *,
+        steps: int = 2,
+    ) -> None:
+        """`--amp=auto` on the CPU, before the first epoch: `choose_by_timing` on the real model and
+        optimizer at one batch of `loader`, then weights, optimizer state, BatchNorm statistics and random
+        generators back as they were, so the run trains exactly as if nothing had been timed."""
+        if not self.pending:
+            return
+        from common.checkpoint import rng_state, set_rng_state
+        from common.engine import train_step
+
+        rng = rng_state()
+        weights = copy.deepcopy(model.state_dict())
+        optimizer_state = copy.deepcopy(optimizer.state_dict())
+        was_training = model.training
+        try:
+            batch = next(iter(loader))
+            inputs, targets = prepare_batch(batch, runtime.device.device, runtime.options.channels_last)
+            model.train()
+            self.choose_by_timing(
+                lambda: train_step(model, inputs, targets, loss_fn, optimizer, self),
+                steps=steps,
+                agree=lambda values: runtime.dist.reduce_scalars(values, runtime.device.device, "max"),
+                synchronize=runtime.device.synchronize,
+            )
+        finally:
+            if self.pending:  # the timing failed: the run (if it goes on) trains in fp32
+                self._use("fp32")
+                self.pending = False
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optimizer_state)
+            model.train(was_training)
+            set_rng_state(rng)
+        runtime.print(f"Precision: {self.note}")
+
+    def _use(self, precision: str) -> None:
+        """Switch between fp32 and bf16 autocast (the CPU's choice; neither has a scaler)."""
+        self.backend, self.dtype = ("torch", torch.bfloat16) if precision == "bf16" else ("none", None)
+
+    def choose_by_timing(
+        self,
+        step: Callable[[], Any],
+        *,
+        steps: int = 2,
+        agree: Callable[[list[float]], list[float]] | None = None,
+        synchronize: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> dict[str, float]:
+        """Settle `--amp=auto` on the CPU: time `steps` calls of `step` (one training step of the real
+        model at the real batch) after one warm-up, in fp32 and in bf16, and keep the faster.
+
+        `agree` turns this rank's [fp32, bf16] seconds into the values every rank decides on (the
+        slowest rank's), so that all ranks train alike. Returns the seconds per step of each.
+        """
+        if not self.pending:
+            raise RuntimeError("choose_by_timing is for --amp=auto on the CPU, once")
+        seconds: dict[str, float] = {}
+        for precision in ("fp32", "bf16"):
+            self._use(precision)
+            step()  # warm-up: oneDNN builds its primitives for the new dtype here
+            if synchronize is not None:
+                synchronize()
+            start = clock()
+            for _ in range(steps):
+                step()
+            if synchronize is not None:
+                synchronize()
+            seconds[precision] = (clock() - start) / steps
+        if agree is not None:
+            seconds = dict(zip(("fp32", "bf16"), agree([seconds["fp32"], seconds["bf16"]])))
+        choice = "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
+        self._use(choice)
+        self.pending = False
+        self.skipped_steps = self.consecutive_skips = 0  # the timed steps are not the run's
+        self.note = (
+            f"--amp=auto: {choice}, timed {steps} training step(s) of the model: "
+            f"fp32 {seconds['fp32']:.3f} s, bf16 {seconds['bf16']:.3f} s per step"
+        )
+        return seconds
 
     @property
     def enabled(self) -> bool:
@@ -173,35 +485,59 @@ class MixedPrecision:
         return f"{self.opt_level} {name}"
 
     def describe(self) -> str:
+        """What runs and why, e.g. "O2 bf16 via torch.amp, no loss scale (auto: bf16 in hardware, ...)"."""
         if not self.enabled:
-            return "fp32 (no mixed precision)"
-        scale = ""
+            return f"fp32 (no mixed precision; {self.note})" if self.note else "fp32 (no mixed precision)"
+        note = f" ({self.note})" if self.note else ""
+        scale = ", no loss scale"
         if self.dtype == torch.float16:
             scale = f", {'dynamic' if self.loss_scale == 'dynamic' else 'static'} loss scale"
-        return f"{self.amp_type} via {'apex.amp' if self.backend == 'apex' else 'torch.amp'}{scale}"
+        return f"{self.amp_type} via {'apex.amp' if self.backend == 'apex' else 'torch.amp'}{scale}{note}"
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """apex needs to wrap model and optimizer before DDP; a no-op for torch.amp."""
         if self.backend != "apex":
             return model, optimizer
         kwargs = {"opt_level": self.opt_level, "loss_scale": self.loss_scale}
-        if self.device.kind == "npu":
+        if self.device.kind == "npu" and self.opt_level in ("O1", "O2"):
+            # Ascend's apex refuses combine_grad at other levels (its frontend.py Properties).
             kwargs["combine_grad"] = True
         return self._apex.initialize(model, optimizer, **kwargs)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clear the gradients before a backward.
+
+        apex.amp.initialize replaces `optimizer.zero_grad` by a function of no arguments when it keeps fp32
+        master weights (O2: NVIDIA/apex apex/amp/_process_optimizer.py, `new_zero_grad(self)`), and Ascend's
+        apex also with combine_grad (Ascend/apex patch/npu.patch, `new_zero_grad_with_master_weights`,
+        `new_zero_grad_accelerate_*`), so `set_to_none=True` raises TypeError there.
+        """
+        if self.backend == "apex":
+            optimizer.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.backend != "torch":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.kind, dtype=self.dtype)
+        return torch.autocast(device_type=self.device.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         if self.backend == "apex":
             with self._apex.scale_loss(loss, optimizer) as scaled:
                 scaled.backward()
-        elif self._scaler is not None:
+            return
+        # torch_npu's GradScaler clears the flag in scale(); the other paths read it in unscale_and_check.
+        if self._float_status and not self._dynamic_scaler:
+            clear_float_status()
+        if self._scaler is not None:
             self._scaler.scale(loss).backward()
         else:
             loss.backward()
+
+    @property
+    def _dynamic_scaler(self) -> bool:
+        return self._scaler is not None and not isinstance(self._scaler, _StaticScaler)
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Apply the step unless a gradient is inf/NaN. Returns whether it was applied."""
@@ -216,7 +552,7 @@ class MixedPrecision:
             self._scaler.update()
             applied = self._scaler.get_scale() >= before
         else:
-            applied = not unscale_and_check(optimizer, 1.0)
+            applied = not unscale_and_check(optimizer, 1.0, self.device)
             if applied:
                 optimizer.step()
         self._count(applied)

@@ -143,8 +143,12 @@ def _unpickler_reason(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Read a checkpoint with `weights_only=True`; every failure is a CheckpointError naming the file."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """Read a checkpoint with `weights_only=True`; every failure is a CheckpointError naming the file.
+
+    `mmap`: map the tensors instead of reading them (a start-up check of a large checkpoint); files in the
+    legacy (non-zip) format cannot be mapped and are read.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -154,6 +158,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # read as a hostile file.
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({damaged})")
     try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(exc)
@@ -256,8 +262,23 @@ def load_weights(
     return missing, unexpected
 
 
+def _device_rng_module(kind: str):
+    """torch.cuda / torch.npu when that device is usable in this process, else None."""
+    if kind == "cuda":
+        return torch.cuda if torch.cuda.is_available() else None
+    module = getattr(torch, "npu", None)
+    try:
+        return module if module is not None and module.is_available() else None
+    except BaseException:  # noqa: BLE001 - a broken torch_npu raises anything
+        return None
+
+
 def rng_state() -> dict:
-    """Every random generator a training step touches, as tensors and plain Python data."""
+    """Every random generator a training step touches, as tensors and plain Python data.
+
+    Of the accelerator generators only the current device's is kept (`cuda` / `npu`: one uint8 tensor):
+    a process drives one device, and the other devices' generators belong to other ranks.
+    """
     version, mt_state, gauss = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -265,23 +286,50 @@ def rng_state() -> dict:
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if hasattr(torch, "npu"):
+    for kind in ("cuda", "npu"):
+        module = _device_rng_module(kind)
+        if module is None:
+            continue
         try:
-            state["npu"] = torch.npu.get_rng_state_all()
-        except BaseException:  # noqa: BLE001
+            state[kind] = module.get_rng_state(module.current_device()).cpu()
+        except BaseException:  # noqa: BLE001 - no generator is no reason to lose the checkpoint
             pass
     return state
 
 
+def _device_state_for(saved: Any, index: int) -> torch.Tensor | None:
+    """The generator state to restore into device `index` from a `cuda`/`npu` entry.
+
+    The entry is one tensor (the saving process's current device). Checkpoints written before held a
+    list with every visible device's state; there the entry of `index` is taken when it exists.
+    """
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if isinstance(saved, (list, tuple)) and 0 <= index < len(saved):
+        return saved[index]
+    return None
+
+
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` captured; the device generator goes into this process's current device.
+
+    A checkpoint is written by rank 0, so every rank restores rank 0's device generator into its own
+    device. That is what each rank held when the checkpoint was written: every rank seeds its generator
+    with the same value (`common.loader.seed_everything`, torch.manual_seed seeds every device) and draws
+    the same number of values per step (same model, same batch shape), so the device streams of all ranks
+    are equal. A checkpoint from a machine with more (or fewer) visible devices restores too: only the
+    current device is touched.
+    """
     version, mt_state, gauss = state["python"]
     random.setstate((version, tuple(mt_state), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    if "npu" in state and hasattr(torch, "npu"):
-        torch.npu.set_rng_state_all([s.cpu() for s in state["npu"]])
+    for kind in ("cuda", "npu"):
+        module = _device_rng_module(kind) if kind in state else None
+        if module is None:
+            continue
+        index = module.current_device()
+        saved = _device_state_for(state[kind], index)
+        if saved is not None:
+            module.set_rng_state(saved.cpu(), index)

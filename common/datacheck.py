@@ -9,6 +9,11 @@ Typical use in a model folder's data code::
     pairs = pair_by_stem(sorted(root.glob("*.jpg")), sorted(gt.glob("*.png")),
                          mask_id=lambda p: p.stem.removesuffix("_segmentation"))
     check_pairs(pairs, read_image, read_mask)
+
+Bad samples (an unreadable image, a missing or mis-sized mask) are refused by default. With
+`skip_bad=True` (the `--skip_bad_samples` flag) `pair_samples` and `check_pairs` return them as
+`BadSample`s instead; `drop_bad` removes them from the pairs, `write_skipped_list` and `skipped_note`
+tell the user how many were left out and where they are listed.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,6 +30,50 @@ from common.errors import DataError
 from common.imageio import Volume, same_geometry, strip_volume_ext, volume_ext
 
 MAX_LISTED = 20
+SKIP_FLAG = "--skip_bad_samples"
+SKIP_HINT = f"Fix or remove these files, or pass {SKIP_FLAG} to leave those samples out and use the others."
+SKIPPED_LIST = "skipped_samples.txt"
+
+Pair = tuple[str, Path, Path]
+
+
+class BadSample(NamedTuple):
+    """A sample that is refused, or left out under `skip_bad`: its id, the file at fault and why."""
+
+    id: str
+    path: str
+    problem: str
+
+
+def skipped_count(bad: Iterable[BadSample]) -> int:
+    """Samples left out: a sample whose image and mask are both bad counts once."""
+    return len({b.id for b in bad})
+
+
+def drop_bad(pairs: Sequence[Pair], bad: Iterable[BadSample]) -> list[Pair]:
+    """`pairs` without the samples named in `bad`."""
+    ids = {b.id for b in bad}
+    return [pair for pair in pairs if pair[0] not in ids]
+
+
+def write_skipped_list(folder: str | Path, bad: Sequence[BadSample], name: str = SKIPPED_LIST) -> Path:
+    """Write `<folder>/skipped_samples.txt`, one `id<TAB>file<TAB>problem` line per problem; its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    lines = [f"{b.id}\t{b.path}\t{' '.join(b.problem.split())}\n" for b in sorted(bad)]
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+def skipped_note(bad: Sequence[BadSample], listed_in: str | Path) -> str:
+    """The console line (and summary note) of a run that left samples out."""
+    return (
+        f"{SKIP_FLAG}: {skipped_count(bad)} bad sample(s) left out ({len(bad)} problem(s)); "
+        f"listed in {listed_in}"
+    )
 
 
 def file_id(path: str | Path) -> str:
@@ -73,17 +122,21 @@ def _common_parent(paths: Iterable[Path]) -> Path | None:
         return None
 
 
-def pair_by_stem(
+def pair_samples(
     images: Sequence[Path],
     masks: Sequence[Path],
     image_id: Callable[[Path], str] = file_id,
     mask_id: Callable[[Path], str] = file_id,
-) -> list[tuple[str, Path, Path]]:
-    """Pair images with masks by id; returns [(id, image, mask)] sorted by id.
+    *,
+    skip_bad: bool,
+    hint: str | None = SKIP_HINT,
+) -> tuple[list[Pair], list[BadSample]]:
+    """Pair images with masks by id: ([(id, image, mask)] sorted by id, samples left out).
 
-    Collects images without a mask, masks without an image and ids that two files share on the same
-    side, and raises one DataError listing them all. Pass `mask_id` when mask names carry a suffix,
-    e.g. ISIC: ``lambda p: p.stem.removesuffix("_segmentation")``.
+    Images without a mask, masks without an image and ids that two files share on the same side are
+    bad samples: without `skip_bad` one DataError lists them all (then `hint`); with it they are left
+    out and returned. Pass `mask_id` when mask names carry a suffix, e.g. ISIC:
+    ``lambda p: p.stem.removesuffix("_segmentation")``.
     """
     by_image: dict[str, list[Path]] = defaultdict(list)
     by_mask: dict[str, list[Path]] = defaultdict(list)
@@ -92,26 +145,39 @@ def pair_by_stem(
     for p in masks:
         by_mask[mask_id(Path(p))].append(Path(p))
 
-    problems: list[tuple[Path, str]] = []
+    bad: list[BadSample] = []
     for key in sorted(by_image):
         if len(by_image[key]) > 1:
             others = ", ".join(p.name for p in by_image[key][1:])
-            problems.append((by_image[key][0], f"duplicate image id {key!r} (also {others})"))
+            bad.append(BadSample(key, str(by_image[key][0]), f"duplicate image id {key!r} (also {others})"))
         if key not in by_mask:
-            problems.append((by_image[key][0], "image has no mask"))
+            bad.append(BadSample(key, str(by_image[key][0]), "image has no mask"))
     for key in sorted(by_mask):
         if len(by_mask[key]) > 1:
             others = ", ".join(p.name for p in by_mask[key][1:])
-            problems.append((by_mask[key][0], f"duplicate mask id {key!r} (also {others})"))
+            bad.append(BadSample(key, str(by_mask[key][0]), f"duplicate mask id {key!r} (also {others})"))
         if key not in by_image:
-            problems.append((by_mask[key][0], "mask has no image"))
-    if problems:
+            bad.append(BadSample(key, str(by_mask[key][0]), "mask has no image"))
+    if bad and not skip_bad:
         raise DataError(
             _common_parent([*images, *masks]),
-            f"{len(problems)} problem(s) pairing {len(images)} images with {len(masks)} masks:\n"
-            + format_problems(problems),
+            f"{len(bad)} problem(s) pairing {len(images)} images with {len(masks)} masks:\n"
+            + format_problems([(b.path, b.problem) for b in bad])
+            + (f"\n{hint}" if hint else ""),
         )
-    return [(key, by_image[key][0], by_mask[key][0]) for key in sorted(by_image)]
+    left_out = {b.id for b in bad}
+    pairs = [(key, by_image[key][0], by_mask[key][0]) for key in sorted(by_image) if key not in left_out]
+    return pairs, bad
+
+
+def pair_by_stem(
+    images: Sequence[Path],
+    masks: Sequence[Path],
+    image_id: Callable[[Path], str] = file_id,
+    mask_id: Callable[[Path], str] = file_id,
+) -> list[Pair]:
+    """`pair_samples` that refuses every bad sample; returns [(id, image, mask)] sorted by id."""
+    return pair_samples(images, masks, image_id, mask_id, skip_bad=False, hint=None)[0]
 
 
 def _spatial_shape(item: Any) -> tuple[int, ...]:
@@ -152,27 +218,38 @@ def _check_one(
 
 
 def check_pairs(
-    pairs: Sequence[tuple[str, Path, Path]],
+    pairs: Sequence[Pair],
     read_image_fn: Callable[[Path], Any],
     read_mask_fn: Callable[[Path], Any],
     check_size: bool = True,
     workers: int | None = None,
-) -> None:
-    """Decode every (id, image, mask) pair and raise one DataError listing every bad file.
+    *,
+    skip_bad: bool = False,
+    hint: str | None = None,
+) -> list[BadSample]:
+    """Decode every (id, image, mask) pair; one DataError lists every bad file, or, with `skip_bad`,
+    the bad samples are returned (one entry per problem; `drop_bad` removes them from `pairs`).
 
     Problems collected: files the readers refuse (truncated, missing, not binary...) and, with
     `check_size`, masks whose size differs from their image (for two `Volume`s, any geometry
     difference). Decoding runs in a thread pool (PIL and SimpleITK release the GIL), so thousands of
-    pairs take seconds; decoded arrays are dropped at once, so memory stays flat.
+    pairs take seconds; decoded arrays are dropped at once, so memory stays flat. `hint` ends the
+    error message (the folders' data code passes `SKIP_HINT`).
     """
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda pair: _check_one(pair, read_image_fn, read_mask_fn, check_size), pairs)
-        problems = [problem for found in results for problem in found]
-    if problems:
-        bad_files = len({str(path) for path, _ in problems})
+        bad = [
+            BadSample(pair[0], str(path), problem)
+            for pair, found in zip(pairs, results)
+            for path, problem in found
+        ]
+    if bad and not skip_bad:
+        bad_files = len({b.path for b in bad})
         raise DataError(
             _common_parent([p for _, img, msk in pairs for p in (img, msk)]),
-            f"{len(problems)} problem(s) in {bad_files} file(s) out of {len(pairs)} pairs:\n"
-            + format_problems(problems),
+            f"{len(bad)} problem(s) in {bad_files} file(s) out of {len(pairs)} pairs:\n"
+            + format_problems([(b.path, b.problem) for b in bad])
+            + (f"\n{hint}" if hint else ""),
         )
+    return bad

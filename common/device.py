@@ -93,10 +93,21 @@ class DeviceInfo:
     name: str
     backend: str
     versions: dict = field(default_factory=dict)
+    # Where tensors go. select_device fills it; tests may point an NPU's tensors at the CPU (or "meta"),
+    # since no NPU tensor can exist on a machine without one.
+    torch_device: str | None = None
 
     @property
     def device(self) -> torch.device:
+        if self.torch_device is not None:
+            return torch.device(self.torch_device)
         return torch.device("cpu") if self.kind == "cpu" else torch.device(self.kind, self.index)
+
+    @property
+    def accumulate_dtype(self) -> torch.dtype:
+        """dtype of running sums kept on the device: float64 on the CPU, float32 on an accelerator, where
+        float64 kernels are slow or missing (NPU) and HCCL cannot all-reduce them."""
+        return torch.float32 if self.is_accelerator else torch.float64
 
     @property
     def is_accelerator(self) -> bool:
@@ -184,17 +195,35 @@ def select_device(requested: str = "auto", device_id: int | None = None) -> Devi
         name=_device_name(kind, index),
         backend=_BACKENDS[kind],
         versions=_versions(kind),
+        torch_device="cpu" if kind == "cpu" else f"{kind}:{index}",
     )
 
 
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the values torch accepts as deterministic
+
+
 def make_deterministic(info: DeviceInfo) -> None:
-    """Deterministic kernels, for exact resume and reproducibility checks (slower)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    """Deterministic kernels, for exact resume and reproducibility checks (slower).
+
+    Call before any CUDA work: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its first handle
+    (`common.cli.setup_runtime` calls this right after the process group starts, before any model exists;
+    neither `select_device` nor NCCL's start-up runs a cuBLAS kernel).
+
+    On an accelerator, an op without a deterministic kernel warns instead of stopping the run: on CUDA
+    the backward of bilinear upsampling (every U-Net decoder here) and NLLLoss have none (see the list
+    in `torch.use_deterministic_algorithms`), and neither have several NPU kernels.
+    """
+    workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_DETERMINISTIC[0])
+    if info.kind == "cuda" and workspace not in _CUBLAS_DETERMINISTIC:
+        raise ConfigError(
+            f"--deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG={' or '.join(_CUBLAS_DETERMINISTIC)}, "
+            f"but the environment sets {workspace!r}; unset it or use one of those values"
+        )
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.use_deterministic_algorithms(True, warn_only=info.kind == "npu")
+        torch.use_deterministic_algorithms(True, warn_only=info.is_accelerator)
 
 
 def main(argv: list[str] | None = None) -> int:

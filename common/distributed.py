@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from common.device import DeviceInfo
+from common.errors import ConfigError
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = "29688"  # the AttU/R2U ModelZoo port
@@ -45,6 +46,10 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    # The device whose tensors the group's collectives take (the CPU for gloo). NCCL and HCCL fail late,
+    # and far from the cause, on a tensor elsewhere, so every collective here checks it first.
+    device: torch.device | None = None
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE): they share its cores
 
     @property
     def initialized(self) -> bool:
@@ -63,17 +68,39 @@ class DistContext:
         if self.initialized:
             dist.barrier()
 
+    def check_device(self, tensor: torch.Tensor, what: str = "tensor") -> None:
+        """ConfigError unless `tensor` lives on the group's device (when the group has one)."""
+        if self.device is None:
+            return
+        want = torch.device(self.device)
+        got = tensor.device
+        if got.type != want.type or (want.index is not None and got.index not in (None, want.index)):
+            raise ConfigError(
+                f"{what} on {got} cannot go through the {self.backend or 'process'} group, whose device is "
+                f"{want}; move it there first (.to(runtime.device.device))"
+            )
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place all-reduce ("sum" or "max"); float64 travels as float32 on HCCL, which lacks it."""
+        """In-place all-reduce ("sum" or "max") of a tensor on the group's device.
+
+        float64 never goes over HCCL's all-reduce, which has no float64 on Atlas training chips (CANN HCCL
+        reference, HcclAllReduce data types; torch_npu's ProcessGroupHCCL.cpp checkSupportedDataType). Its
+        bytes travel as int64 through an all-gather instead (HCCL moves any dtype there) and every rank
+        reduces the same gathered values in float64, in rank order: exact, and equal on every rank.
+        """
         if not self.initialized:
             return tensor
-        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        if op not in ("sum", "max"):
+            raise ValueError(f"all_reduce op must be 'sum' or 'max', got {op!r}")
+        self.check_device(tensor)
         if self.backend == "hccl" and tensor.dtype == torch.float64:
-            wire = tensor.float()
-            dist.all_reduce(wire, op=reduce_op)
-            tensor.copy_(wire)
+            wire = tensor.detach().contiguous().view(torch.int64)
+            parts = [torch.empty_like(wire) for _ in range(self.world_size)]
+            dist.all_gather(parts, wire)
+            gathered = torch.stack(parts).view(torch.float64)
+            tensor.copy_(gathered.sum(0) if op == "sum" else gathered.amax(0))
         else:
-            dist.all_reduce(tensor, op=reduce_op)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return tensor
 
     def reduce_scalars(self, values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -88,7 +115,9 @@ class DistContext:
         if not self.initialized:
             return model
         ddp_kwargs.setdefault("broadcast_buffers", False)
-        ids = None if device.kind == "cpu" else [device.index]
+        # By where the tensors are, not by the kind: DDP refuses device_ids for a module on the CPU, which
+        # is where an accelerator's DeviceInfo may point its tensors (DeviceInfo.torch_device).
+        ids = None if device.device.type == "cpu" else [device.index]
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
 
     def broadcast_buffers(self, model: torch.nn.Module) -> None:
@@ -102,7 +131,8 @@ class DistContext:
             return
         from common.checkpoint import unwrap_model
 
-        for buffer in unwrap_model(model).buffers():
+        for name, buffer in unwrap_model(model).named_buffers():
+            self.check_device(buffer, f"buffer {name}")
             dist.broadcast(buffer.data, src=0)
 
     def shutdown(self) -> None:
@@ -118,7 +148,7 @@ def init_distributed(device: DeviceInfo, timeout_s: float = 1800.0) -> DistConte
     modelzoo_env_to_torchrun()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistContext()
+        return DistContext(device=device.device)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     # Without async error handling a NCCL collective whose peer died blocks forever, ignoring the timeout.
@@ -134,4 +164,11 @@ def init_distributed(device: DeviceInfo, timeout_s: float = 1800.0) -> DistConte
     if device.kind == "cuda" and "device_id" in dist.init_process_group.__code__.co_varnames:
         kwargs["device_id"] = device.device
     dist.init_process_group(**kwargs)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=device.backend)
+    return DistContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=device.backend,
+        device=device.device,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+    )

@@ -16,6 +16,7 @@ own ModelZoo log lines from the numbers they return (through `on_log`). Design c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -37,6 +38,7 @@ from common.checkpoint import (
 from common.cli import Runtime
 from common.errors import CheckpointError
 from common.loader import seed_everything
+from common.memory import MIB, device_peak_allocated_bytes, peak_host_rss_bytes
 from common.summary import RunSummary, SummaryTarget, write_summary
 
 CHECKPOINT_FORMAT = 1
@@ -45,12 +47,17 @@ CHECKPOINT_FORMAT = 1
 def to_device(
     batch: Any, device: torch.device, channels_last: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) from a (image, mask, ...) batch, copied asynchronously from pinned memory."""
+    """(inputs, targets) from a (image, mask, ...) batch, copied asynchronously from pinned memory.
+
+    `channels_last`: the model is in channels_last (2-D) or channels_last_3d (3-D), and so are the inputs.
+    """
     inputs, targets = batch[0], batch[1]
     inputs = inputs.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
     if channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
+    elif channels_last and inputs.dim() == 5:
+        inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
     return inputs, targets
 
 
@@ -135,17 +142,20 @@ def train_one_epoch(
     prepare_batch: Callable = to_device,
     max_steps: int | None = None,
     global_step: int = 0,
+    micro_batches: int = 1,
 ) -> EpochStats:
-    """One pass over `loader`. Steps whose gradients are not finite are skipped and counted."""
-    args = runtime.args
+    """One pass over `loader`. Steps whose gradients are not finite are skipped and counted.
+
+    `micro_batches` > 1: each batch's gradients are accumulated over that many chunks (`train_step`).
+    """
     device, amp, world = runtime.device, runtime.amp, runtime.dist.world_size
-    channels_last = bool(getattr(args, "channels_last", False))
-    log_every = max(1, int(getattr(args, "log_interval", 10)))
+    channels_last = runtime.options.channels_last
+    log_every = max(1, runtime.options.log_interval)
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     model.train()
     if train_metrics is not None:
         train_metrics.reset()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device.device)
+    loss_sum = torch.zeros((), dtype=device.accumulate_dtype, device=device.device)
     pending: list[torch.Tensor] = []
     step_losses: list[float] = []
     skipped_before = amp.skipped_steps
@@ -171,12 +181,9 @@ def train_one_epoch(
         waited = time.perf_counter() - wait_start
         step += 1
         inputs, targets = prepare_batch(batch, device.device, channels_last)
-        with amp.autocast():
-            outputs = model(inputs)
-            loss = loss_fn(outputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        amp.backward(loss, optimizer)
-        amp.step(optimizer)
+        outputs, loss = train_step(
+            model, inputs, targets, loss_fn, optimizer, amp, micro_batches=micro_batches
+        )
         detached = loss.detach().float()
         loss_sum += detached
         pending.append(detached)
@@ -218,6 +225,16 @@ def train_one_epoch(
             window_start, window_data, window_images, window_steps = now, 0.0, 0, 0
     if pending:
         step_losses.extend(torch.stack(pending).tolist())
+    # The epoch's loss and training metrics over every rank's shard (the step lines stay rank 0's running
+    # values): a few numbers once per epoch, and every rank gets here, so the collective always matches.
+    totals = torch.stack([loss_sum, torch.full_like(loss_sum, step)])
+    runtime.dist.all_reduce(totals)
+    train_result = None
+    if train_metrics is not None:
+        state = train_metrics.state_tensor().to(device.device)
+        runtime.dist.all_reduce(state)
+        train_metrics.load_state_tensor(state)
+        train_result = train_metrics.compute()
     device.synchronize()
     end = time.perf_counter()
     if timing_from is not None:
@@ -227,8 +244,9 @@ def train_one_epoch(
     throughput.seconds += timed_seconds
     throughput.data_wait += data_wait
     throughput.wall += epoch_seconds
+    total_loss, total_steps = totals.tolist()
     return EpochStats(
-        loss_mean=float(loss_sum) / max(step, 1),
+        loss_mean=total_loss / max(total_steps, 1),
         last_loss=step_losses[-1] if step_losses else float("nan"),
         steps=step,
         images=images,
@@ -238,8 +256,128 @@ def train_one_epoch(
         timed_images=timed_images,
         timed_seconds=timed_seconds,
         step_losses=step_losses,
-        train_metrics=train_metrics.compute() if train_metrics is not None else None,
+        train_metrics=train_result,
     )
+
+
+def train_step(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    amp: Any,
+    *,
+    micro_batches: int = 1,
+) -> tuple[Any, torch.Tensor]:
+    """One optimizer step, the same for every trainer and for `common.bench`: forward and loss under
+    autocast, backward (scaled), and the update unless a gradient is not finite (`amp.step` skips and
+    counts it). Returns the outputs and the loss, still on the device: nothing here reads them back.
+
+    `micro_batches` > 1 splits the batch into that many chunks (as equal as possible) and accumulates
+    their gradients before the one update: each chunk's loss is weighted by its share of the batch, so a
+    loss that is a mean over samples gives the gradients of the whole batch. Under DDP only the last
+    chunk's backward all-reduces. The returned outputs (detached) and loss cover every chunk.
+    """
+    count = int(inputs.shape[0])
+    if micro_batches <= 1 or count <= 1:
+        with amp.autocast():
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+        amp.zero_grad(optimizer)
+        amp.backward(loss, optimizer)
+        amp.step(optimizer)
+        return outputs, loss
+    chunks = min(micro_batches, count)
+    pieces = zip(_split(inputs, chunks), _split(targets, chunks))
+    amp.zero_grad(optimizer)
+    parts: list[Any] = []
+    total: torch.Tensor | None = None
+    with _accumulating_backward(amp, optimizer, inputs.device) as backward:
+        for index, (chunk_inputs, chunk_targets) in enumerate(pieces):
+            last = index == chunks - 1
+            share = chunk_inputs.shape[0] / count
+            with _gradient_sync(model, last):
+                with amp.autocast():
+                    chunk_outputs = model(chunk_inputs)
+                    chunk_loss = loss_fn(chunk_outputs, chunk_targets)
+                backward(chunk_loss * share, index == 0)
+            weighted = chunk_loss.detach().float() * share
+            total = weighted if total is None else total + weighted
+            parts.append(_detach_only(chunk_outputs))
+            del chunk_outputs, chunk_loss  # the chunk's graph is freed before the next forward
+    amp.step(optimizer)
+    return _concat(parts), total
+
+
+def _split(value: Any, chunks: int) -> list[Any]:
+    """`chunks` views along the batch dimension of a tensor, of each tensor in a list/tuple, or None."""
+    if isinstance(value, torch.Tensor):
+        return list(torch.tensor_split(value, chunks))
+    if isinstance(value, (list, tuple)):
+        return [type(value)(parts) for parts in zip(*(_split(v, chunks) for v in value))]
+    return [value] * chunks
+
+
+def _detach_only(outputs: Any) -> Any:
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(o.detach() for o in outputs)
+    return outputs.detach()
+
+
+def _concat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], (list, tuple)):
+        return type(parts[0])(torch.cat(group) for group in zip(*parts))
+    return torch.cat(parts)
+
+
+def _gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync()` for all but the last chunk: the forward and backward of a chunk must both run
+    inside it (the flag is read at forward time, torch/nn/parallel/distributed.py `no_sync`)."""
+    no_sync = getattr(model, "no_sync", None)
+    if sync or not callable(no_sync):
+        return contextlib.nullcontext()
+    return no_sync()
+
+
+@contextlib.contextmanager
+def _accumulating_backward(amp: Any, optimizer: torch.optim.Optimizer, device: torch.device):
+    """Yields `backward(loss, first)` for the chunks of one step, scaled like `amp.backward`.
+
+    * torch.amp GradScaler: `scale(loss).backward()` per chunk and one `step`, the accumulation pattern of
+      the PyTorch AMP examples (docs/source/notes/amp_examples.rst, "Gradient accumulation").
+      torch_npu's GradScaler clears the NPU overflow flag only in the first `scale()` of a step
+      (torch_npu/npu/amp/grad_scaler.py, `_clear_overflow_flag`), so an earlier chunk's overflow counts.
+    * the fp32 and static-scale paths on an NPU in saturation mode: `amp.backward` clears the overflow
+      flag before each backward, so only the first chunk goes through it; later chunks add their
+      gradients without clearing, and `amp.step` reads the flag once, for all of them.
+    * apex: one `amp.scale_loss` for the whole step, every chunk's loss multiplied by the scale it yields.
+      NVIDIA apex's own accumulation recipe is `delay_unscale=True` on every backward but the last
+      (docs/source/advanced.rst, "Gradient accumulation across iterations"; apex/amp/handle.py skips the
+      unscale and master-gradient copy on such an exit and runs them once on the last). Ascend's apex
+      clears the NPU overflow flag on *every* `scale_loss` entry with a dynamic scale and finds overflow
+      only through that flag (Ascend/apex patch/npu.patch: handle.py `clear_npu_overflow_flag()` before
+      the yield, scaler.py `unscale_python` reading `get_npu_overflow_flag()`), so a chunk's overflow
+      would be cleared by the next chunk's entry and its saturated gradients applied. One context per
+      step is what delay_unscale achieves on NVIDIA (one prepare, one unscale and overflow check on the
+      summed gradients) and on Ascend keeps the flag raised by any chunk until the check.
+    """
+    if getattr(amp, "backend", None) == "apex":
+        # The scale as a tensor: scale_loss yields loss.float() * loss_scale for the loss given.
+        with amp._apex.scale_loss(torch.ones((), device=device), optimizer) as scale:
+            yield lambda loss, first: (loss.float() * scale).backward()
+        return
+    scaler = getattr(amp, "_scaler", None)
+
+    def backward(loss: torch.Tensor, first: bool) -> None:
+        if first:
+            amp.backward(loss, optimizer)
+        elif scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    yield backward
 
 
 def _detach(outputs: Any) -> Any:
@@ -264,21 +402,22 @@ def evaluate(
     `forward(model, inputs)` replaces `model(inputs)` (e.g. sliding-window inference); the result is
     what `metrics.update` and `loss_fn` receive.
     """
-    channels_last = bool(getattr(runtime.args, "channels_last", False))
+    channels_last = runtime.options.channels_last
     device = runtime.device.device
     was_training = model.training
     runtime.dist.broadcast_buffers(model)
     model.eval()
+    metrics.to(device)  # a rank with no batch must still all-reduce a tensor on the group's device
     metrics.reset()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=runtime.device.accumulate_dtype, device=device)
+    count = torch.zeros((), dtype=runtime.device.accumulate_dtype, device=device)
     for batch in loader:
         inputs, targets = prepare_batch(batch, device, channels_last)
         with runtime.amp.autocast():
             outputs = forward(model, inputs) if forward is not None else model(inputs)
         outputs = _detach(outputs)
         if loss_fn is not None:
-            loss_sum += loss_fn(outputs, targets).double() * inputs.shape[0]
+            loss_sum += loss_fn(outputs, targets).to(loss_sum.dtype) * inputs.shape[0]
         count += inputs.shape[0]
         metrics.update(outputs, targets)
     state = metrics.state_tensor()
@@ -301,7 +440,8 @@ class TrainingRun:
         model / optimizer / scheduler: the live objects (model may be DDP-wrapped or compiled).
         selection_key: the key of the validation dict that picks the best checkpoint.
         selection_mode: "max" or "min".
-        network / batch_size / mode: for the ModelZoo summary when no test script launched the run.
+        target: where the ModelZoo summary goes and under which case name (the entry point builds it,
+            from the test script's settings when one launched the run: `SummaryTarget.from_env`).
     """
 
     def __init__(
@@ -315,9 +455,7 @@ class TrainingRun:
         config: dict | None = None,
         selection_key: str,
         selection_mode: str = "max",
-        network: str,
-        batch_size: int,
-        mode: str = "acc",
+        target: SummaryTarget,
         latest_name: str = "checkpoint.pth.tar",
         best_name: str = "model_best.pth.tar",
         plot_metric: str | None = None,
@@ -332,10 +470,8 @@ class TrainingRun:
         self.latest_path = self.save_dir / latest_name
         self.best_path = self.save_dir / best_name
         self.plot_metric = plot_metric or selection_key
-        self.target = SummaryTarget.from_env(
-            self.save_dir, network, batch_size, runtime.dist.world_size, mode
-        )
-        self.throughput = Throughput(getattr(runtime.args, "warmup_steps", 5))
+        self.target = target
+        self.throughput = Throughput(runtime.options.warmup_steps)
         self.history: list[dict] = []
         self.step_losses: list[float] = []
         self.best_value: float | None = None
@@ -348,6 +484,16 @@ class TrainingRun:
             self.save_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- resume -----------------------------------------------------------------------------------
+    def start(self, start: Any) -> int:
+        """Resume from a `common.trainer.StartPoint` that holds a training state; returns the first epoch."""
+        for message in start.messages:
+            self.runtime.print(message)
+        if not start.resuming:
+            return 0
+        epoch = self.resume(start.resume_path, start.resume_state)
+        start.resume_state = None  # the optimizer holds its own copy now
+        return epoch
+
     def resume(self, path: str | Path | None, state: dict | None = None) -> int:
         """Restore everything from a checkpoint written by `end_epoch`; returns the epoch to start at.
 
@@ -388,7 +534,7 @@ class TrainingRun:
     # ---- epochs -----------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, *loaders: Any) -> None:
         """Seeds depend only on (seed, epoch): a resumed epoch replays exactly."""
-        seed_everything(int(getattr(self.runtime.args, "seed", 0)) * 1000 + epoch)
+        seed_everything(self.runtime.options.seed * 1000 + epoch)
         for loader in loaders:
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
@@ -488,8 +634,14 @@ class TrainingRun:
         *,
         extra_lines: dict[str, str] | None = None,
         details: dict[str, Any] | None = None,
+        notes: Iterable[str] = (),
+        skipped_samples: int = 0,
     ) -> Path | None:
-        """Write the ModelZoo summary (rank 0). Call on every rank: the FPS reduction is collective."""
+        """Write the ModelZoo summary (rank 0). Call on every rank: the FPS reduction is collective.
+
+        `notes`: lines printed with the final result (e.g. how many bad samples were left out and where
+        they are listed); `skipped_samples`: samples left out of the data (0 for a run on all of it).
+        """
         fps = self.global_fps()
         if not self.runtime.is_main:
             return None
@@ -514,6 +666,7 @@ class TrainingRun:
             "checkpoint_best": str(self.best_path),
             "config": _plain(self.config),
             "history": self.history,
+            **_memory_details(self.runtime, getattr(self, "batch_plan", None)),  # plan_batch sets it
         }
         payload.update(details or {})
         if (self.save_dir / "progress.png").exists() and self.target.output_dir != self.save_dir:
@@ -528,8 +681,23 @@ class TrainingRun:
             step_losses=self.step_losses,
             extra_lines=extra_lines or {},
             details=payload,
+            notes=list(notes),
+            skipped_samples=skipped_samples,
         )
         return write_summary(self.target, summary)
+
+
+def _memory_details(runtime: Runtime, plan: Any | None) -> dict[str, Any]:
+    """summary.json's memory figures: the process's peak resident size, the accelerator's peak allocated
+    memory, and the batch plan with the peak the training steps reached beside its projection."""
+    memory: dict[str, Any] = {"peak_host_rss_mb": peak_host_rss_bytes() / MIB}
+    device_peak = device_peak_allocated_bytes(runtime.device)
+    if device_peak is not None:
+        memory["peak_device_allocated_mb"] = device_peak / MIB
+    if plan is not None:
+        plan.record_observed()
+        memory["batch_plan"] = plan.as_dict()
+    return memory
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Iterator
 
@@ -80,15 +81,30 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
+def auto_workers(accelerator: bool, ranks_on_node: int, cores: int | None = None) -> int:
+    """Loader processes per rank when `--workers` is not given, from the cores each rank can use.
+
+    With an accelerator the host's cores only feed it: all but one per rank load (at most 8, beyond which
+    start-up and memory grow faster than throughput). On a CPU the training threads need the cores: one
+    loader process per two cores, at most 2, so decoding overlaps the step without starving it.
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cores // max(1, ranks_on_node))
+    if accelerator:
+        return max(1, min(8, per_rank - 1))
+    return min(2, per_rank // 2)
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
     ctx: DistContext,
     *,
     train: bool,
-    workers: int = 0,
+    workers: int | None = None,
     seed: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
     drop_last: bool | None = None,
 ) -> DataLoader:
     """A loader for one rank.
@@ -96,7 +112,15 @@ def build_loader(
     Training: DistributedSampler (seeded, reshuffled by `set_epoch`; keyed by epoch for a SeededDataset),
     full batches only. Evaluation: ShardedSampler in order. Workers persist across epochs (start-up costs
     seconds per epoch otherwise); augmentation seeds come from the keys, not from worker state.
+    `workers` None: `auto_workers` for this rank's device and node. `pin_memory` None: pinned when the
+    group's device is an accelerator, so the step's `non_blocking` copies really overlap (from pageable
+    memory CUDA and NPU copy synchronously).
     """
+    accelerator = ctx.device is not None and torch.device(ctx.device).type != "cpu"
+    if workers is None:
+        workers = auto_workers(accelerator, ctx.local_world_size)
+    if pin_memory is None:
+        pin_memory = accelerator
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:

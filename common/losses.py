@@ -2,7 +2,11 @@
 
 Every loss casts its input with .float() before any reduction: under AMP the logits arrive in fp16/bf16,
 and sums over 96x96 pixels (or 3-D volumes) in those formats lose most of their precision. Only elementwise
-ops and sums are used, so autocast never lowers them again.
+ops, sums, and the Lovasz loss's sort and cumulative sums are used, none of which autocast lowers again.
+
+No loss reads a value back to the host (no `.item()`, no output sized by the data), so a training step
+never waits for the device here; the one exception is `_class_map`, which checks class indices on the
+host before cross-entropy, where a bad index would be a device-side assert.
 
 Binary losses take logits (N,1,*sp) or (N,*sp) and a target of either shape (it is reshaped to match),
 in 2-D or 3-D. `build_loss(name)` maps the names the original scripts use onto these classes.
@@ -73,40 +77,48 @@ class BCEDiceLoss(nn.Module):
 
 
 def _lovasz_jaccard_gradient(labels_sorted: torch.Tensor) -> torch.Tensor:
-    """Increments of the Jaccard loss along the error ordering (Berman et al. 2018, Eq. 8 and Alg. 1).
+    """Increments of the Jaccard loss along each row's error ordering (Berman et al. 2018, Eq. 8, Alg. 1).
 
-    With the pixels sorted by decreasing error, the i-th entry is Delta_J({1..i}) - Delta_J({1..i-1}), where
-    Delta_J(M) = |M| / |positives union M| counts the first i pixels as mispredicted.
+    `labels_sorted` is (N, P), each row's pixels sorted by decreasing error. Entry i of a row is
+    Delta_J({1..i}) - Delta_J({1..i-1}), where Delta_J(M) = |M| / |positives union M| counts the first i
+    pixels as mispredicted.
     """
-    positives = labels_sorted.sum()
+    positives = labels_sorted.sum(1, keepdim=True)
     # Among the first i pixels: positives counted as missed and negatives counted as false alarms.
-    missed = labels_sorted.cumsum(0)
-    false_alarms = (1 - labels_sorted).cumsum(0)
+    missed = labels_sorted.cumsum(1)
+    false_alarms = (1 - labels_sorted).cumsum(1)
+    # Never 0/0: without positives, each of the first i >= 1 pixels is a false alarm.
     loss_at = (missed + false_alarms) / (positives + false_alarms)  # |M_i| / |positives u M_i|
-    return torch.cat([loss_at[:1], loss_at[1:] - loss_at[:-1]])
+    return torch.cat([loss_at[:, :1], loss_at[:, 1:] - loss_at[:, :-1]], dim=1)
 
 
-def _lovasz_hinge_flat(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _lovasz_hinge_per_image(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The Lovasz hinge of each row of (N, P) logits against binary (N, P) labels, as (N,).
+
+    One sort of the whole batch along the pixel dimension and cumulative sums along it: the number of
+    ops does not grow with N, and nothing waits for the device (no per-image loop, no host reads).
+    """
     signs = 2 * labels - 1
     errors = 1 - logits * signs  # hinge margins; positive means the pixel is (nearly) wrong
-    errors_sorted, order = torch.sort(errors, descending=True)
-    grad = _lovasz_jaccard_gradient(labels[order])
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    grad = _lovasz_jaccard_gradient(labels.gather(1, order))
     # Elementwise product and sum rather than a dot product, which autocast would lower to bf16.
-    return (F.relu(errors_sorted) * grad).sum()
+    return (F.relu(errors_sorted) * grad).sum(1)
 
 
 class LovaszHingeLoss(nn.Module):
     """Per-image Lovasz hinge loss, the convex surrogate of the Jaccard loss (Berman, Rannen Triki and
     Blaschko, "The Lovasz-Softmax loss", CVPR 2018), averaged over images.
 
-    The target is binarised at 0.5, since the Lovasz extension is defined on binary labels.
+    The target is binarised at 0.5, since the Lovasz extension is defined on binary labels. Every pixel
+    counts (no ignore label); an image without foreground is scored by its false alarms alone.
     """
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         x, t = _binary_pair(logits, target)
         x = x.reshape(x.shape[0], -1)
         t = (t.reshape(t.shape[0], -1) > 0.5).float()
-        return torch.stack([_lovasz_hinge_flat(x[i], t[i]) for i in range(x.shape[0])]).mean()
+        return _lovasz_hinge_per_image(x, t).mean()
 
 
 def _class_map(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -133,11 +145,25 @@ def _class_map(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return target
 
 
+def _class_map_layout(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The class map (N,*sp) of a (N,*sp) or (N,1,*sp) target, checked against the logits' shape only:
+    its values stay on the device (`_class_map` reads them on the host to check them)."""
+    if target.ndim == logits.ndim and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ConfigError(
+            f"target {tuple(target.shape)} does not fit logits {tuple(logits.shape)}: give a class map "
+            f"(N,*sp) or (N,1,*sp), or one-hot/probabilities (N,C,*sp)"
+        )
+    return target
+
+
 class CrossEntropyLoss(nn.Module):
     """Softmax cross-entropy over the channel dim of (N,C,*sp) logits, in float32.
 
     The target is an integer class map (N,*sp)/(N,1,*sp) or one-hot/probability maps (N,C,*sp).
-    `weight` holds optional per-class weights (the weighted mean then divides by the summed weights).
+    `weight` holds optional per-class weights (the weighted mean then divides by the summed weights); it is
+    a buffer, so `loss.to(device)` moves it, and a loss left on the host still works with device logits.
     """
 
     def __init__(self, weight: Sequence[float] | torch.Tensor | None = None):
@@ -150,12 +176,21 @@ class CrossEntropyLoss(nn.Module):
             raise ConfigError(
                 f"CrossEntropyLoss needs logits (N,C,*sp) with C >= 2, got {tuple(logits.shape)}"
             )
-        if self.weight is not None and self.weight.numel() != logits.shape[1]:
-            raise ConfigError(f"{self.weight.numel()} class weights given for {logits.shape[1]} classes")
+        weight = self.weight
+        if weight is not None:
+            if weight.numel() != logits.shape[1]:
+                raise ConfigError(f"{weight.numel()} class weights given for {logits.shape[1]} classes")
+            if weight.device != logits.device:
+                # F.cross_entropy refuses a weight on another device. The buffer takes the logits' device
+                # once, so later steps copy nothing. non_blocking: a blocking host-to-device copy ends in
+                # a stream synchronisation (pytorch aten/src/ATen/native/cuda/Copy.cu, copy_kernel_cuda:
+                # memcpy_and_sync), the non-blocking one only queues cudaMemcpyAsync.
+                weight = weight.to(logits.device, non_blocking=True)
+                self.weight = weight
         x = logits.float()
         if target.shape == logits.shape and target.is_floating_point():
-            return F.cross_entropy(x, target.float(), weight=self.weight)
-        return F.cross_entropy(x, _class_map(target, logits), weight=self.weight)
+            return F.cross_entropy(x, target.float(), weight=weight)
+        return F.cross_entropy(x, _class_map(target, logits), weight=weight)
 
 
 class TwoClassDiceLoss(nn.Module):
@@ -164,6 +199,10 @@ class TwoClassDiceLoss(nn.Module):
     squared=True uses the V-Net denominator sum p^2 + sum t^2 (Milletari et al., "V-Net", 3DV 2016, Eq. 1);
     False uses sum p + sum t. Smoothing 1e-5 keeps empty volumes defined. The target is a class map
     (N,*sp)/(N,1,*sp) in {0,1} or one-hot (N,2,*sp).
+
+    A class map holding any other value makes the loss and its gradients NaN instead of raising: the
+    check stays on the device, since an error would need a host read every step; the training loop
+    skips steps with non-finite gradients and stops after repeated ones.
     """
 
     def __init__(self, squared: bool = True):
@@ -177,11 +216,15 @@ class TwoClassDiceLoss(nn.Module):
         if target.shape == logits.shape:
             t = target[:, 1].float()
         else:
-            t = _class_map(target, logits).float()
+            t = _class_map_layout(target, logits).float()
         t = t.reshape(logits.shape[0], -1)
         den = (p * p).sum(1) + (t * t).sum(1) if self.squared else p.sum(1) + t.sum(1)
         dice = (2 * (p * t).sum(1) + _SMOOTH) / (den + _SMOOTH)
-        return 1 - dice.mean()
+        if target.shape == logits.shape:
+            return 1 - dice.mean()
+        # A product, not torch.where on the loss: NaN must reach the gradients for the step to be skipped.
+        poison = torch.where(((t == 0) | (t == 1)).all(), 1.0, float("nan"))
+        return (1 - dice.mean()) * poison
 
 
 class DeepSupervisionLoss(nn.Module):

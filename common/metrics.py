@@ -24,6 +24,14 @@ the target is binarised at 0.5 (never against the batch max), IoU is per image (
 then averaged over batches), and means divide sums of per-image values by the number of images.
 
 HD95 is the symmetric 95th-percentile Hausdorff distance between mask surfaces, as in MONAI's default.
+`hd95_mean` is the mean over the images where it is finite; `hd95_excluded` counts the images left out
+(exactly one of prediction and target empty: the distance is infinite). Print both.
+
+State: `SegmentationMetrics` keeps one int64 vector on the device (counts, and sums of per-image values
+in fixed point, 2**-32 units), so that `update` never synchronises with the host, no float64 touches the
+device (slow or missing on NPU; HCCL cannot all-reduce it) and an all-reduce over ranks is exact: 1 and N
+ranks give bit-identical sums. Per-image scores on the device are float32 (relative error 6e-8); `compute`
+works in float64 on the host.
 """
 
 from __future__ import annotations
@@ -90,11 +98,13 @@ def _check_empty(empty: str) -> None:
         raise ConfigError(f"empty policy must be one of {EMPTY_POLICIES}, got {empty!r}")
 
 
-def per_image_scores(counts: torch.Tensor, empty: str = "one") -> dict[str, torch.Tensor]:
-    """Scores (float64, one per row of `counts` (N,4) = TP,FP,FN,TN); 0/0 follows the `empty` policy."""
+def per_image_scores(
+    counts: torch.Tensor, empty: str = "one", dtype: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
+    """Scores (`dtype`, one per row of `counts` (N,4) = TP,FP,FN,TN); 0/0 follows the `empty` policy."""
     _check_empty(empty)
     fill = {"one": 1.0, "zero": 0.0, "nan": math.nan}[empty]
-    c = counts.to(torch.float64)
+    c = counts.to(dtype)
     tp, fp, fn, tn = c.unbind(-1)
 
     def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -156,16 +166,29 @@ def _to_bool_numpy(x: ArrayLike) -> np.ndarray:
     return np.asarray(x).astype(bool, copy=False)
 
 
-# Layout of the flat float64 state: every entry is a sum, so an all-reduce(SUM) over ranks is exact.
+# Layout of the flat int64 state: every entry is a sum, so an all-reduce(SUM) over ranks is exact.
 _N = 0
-_SUM = 1  # 7 sums of per-image scores
+_SUM = 1  # 7 fixed-point sums of per-image scores
 _CNT = _SUM + len(SCORES)  # 7 counts of non-nan per-image scores
 _POOL = _CNT + len(SCORES)  # pooled TP, FP, FN, TN
 _EMPTY_T = _POOL + 4
-_HD_SUM = _EMPTY_T + 1
-_HD_CNT = _HD_SUM + 1
+_HD_WHOLE = _EMPTY_T + 1  # sum of finite HD95 values: whole units ...
+_HD_FRAC = _HD_WHOLE + 1  # ... and the fractions, in fixed point
+_HD_CNT = _HD_FRAC + 1
 _HD_INF = _HD_CNT + 1
 _STATE_LEN = _HD_INF + 1
+
+FIXED_POINT = 2.0**32  # units per 1.0 of the fixed-point sums; up to 2**31 images of values <= 1
+
+
+def fixed_point(values: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] (float32 is enough) as int64 counts of 2**-32; NaN counts as 0. Stays on the device.
+
+    Scaling by a power of two is exact and a float32 in [2**-9, 1] has no bits below 2**-32, so only values
+    under 0.002 are rounded, by at most 2**-33 in absolute terms.
+    """
+    values = values.float()
+    return torch.round(torch.nan_to_num(values, nan=0.0) * FIXED_POINT).to(torch.int64)
 
 
 class SegmentationMetrics:
@@ -174,6 +197,10 @@ class SegmentationMetrics:
     update() takes a model output (logits, any form `foreground_logit` accepts) or, with
     from_logits=False, probabilities (N,1,*sp)/(N,*sp); the target (N,1,*sp)/(N,*sp) is binarised as
     target > 0.5. The prediction sigmoid(logit) > threshold is computed once per update.
+
+    `device`: where the state lives from the start (pass the runtime's device: a rank that scores no
+    image still all-reduces a tensor on the process group's device); default the CPU. `update` moves the
+    state to the device of the data it gets, so a batch never costs a copy.
     """
 
     def __init__(
@@ -183,6 +210,7 @@ class SegmentationMetrics:
         compute_hd95: bool = False,
         spacing: Sequence[float] | None = None,
         from_logits: bool = True,
+        device: torch.device | str | None = None,
     ):
         _check_empty(empty)
         if not 0.0 < threshold < 1.0:
@@ -192,19 +220,30 @@ class SegmentationMetrics:
         self.compute_hd95 = bool(compute_hd95)
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self.from_logits = bool(from_logits)
-        self._state = torch.zeros(_STATE_LEN, dtype=torch.float64)
+        self._state = torch.zeros(_STATE_LEN, dtype=torch.int64, device=device or "cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self._state.device
+
+    def to(self, device: torch.device | str) -> SegmentationMetrics:
+        """Move the state (and keep it there until data on another device arrives); returns self."""
+        self._state = self._state.to(device)
+        return self
 
     def reset(self) -> None:
-        self._state = torch.zeros(_STATE_LEN, dtype=torch.float64, device=self._state.device)
+        self._state = torch.zeros(_STATE_LEN, dtype=torch.int64, device=self._state.device)
 
     def state_tensor(self) -> torch.Tensor:
-        """A copy of the flat float64 state; summing the states of several objects merges them."""
+        """A copy of the flat int64 state; summing the states of several objects merges them exactly."""
         return self._state.clone()
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
         if state.shape != (_STATE_LEN,):
             raise ConfigError(f"metric state must have shape ({_STATE_LEN},), got {tuple(state.shape)}")
-        self._state = state.detach().to(device=self._state.device, dtype=torch.float64).clone()
+        if state.dtype != torch.int64:
+            raise ConfigError(f"metric state must be int64 (counts and fixed-point sums), got {state.dtype}")
+        self._state = state.detach().to(device=self._state.device).clone()
 
     def reduce(self, group=None) -> None:
         """All-reduce (SUM) the state over the ranks of `group`; a no-op without torch.distributed."""
@@ -214,10 +253,11 @@ class SegmentationMetrics:
             return
         state = self._state
         backend = dist.get_backend(group)
-        # NCCL only reduces CUDA tensors and gloo is safest on CPU; a rank that saw no batch keeps its
-        # state on the CPU, so move it to where the backend wants it.
+        # NCCL reduces only CUDA tensors, HCCL only NPU tensors, gloo is safest on the CPU.
         if backend == "nccl" and state.device.type != "cuda":
             state = state.to(torch.device("cuda", torch.cuda.current_device()))
+        elif backend == "hccl" and state.device.type != "npu":
+            state = state.to(torch.device("npu", torch.npu.current_device()))
         elif backend == "gloo" and state.device.type != "cpu":
             state = state.cpu()
         dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
@@ -231,7 +271,7 @@ class SegmentationMetrics:
         spacing: Sequence[float] | Sequence[Sequence[float]] | None = None,
     ) -> None:
         """Add a batch. `spacing` (one value per spatial axis, or one such row per image) overrides the
-        constructor's for HD95."""
+        constructor's for HD95 (which runs on the host, and so waits for the device)."""
         if self.from_logits:
             prob = torch.sigmoid(foreground_logit(output))
         else:
@@ -243,20 +283,24 @@ class SegmentationMetrics:
         target = target.to(prob.device)
         tgt = target if target.dtype == torch.bool else target > 0.5
 
-        device = pred.device if pred.device.type != "mps" else torch.device("cpu")  # MPS has no float64
-        if self._state.device != device:
-            self._state = self._state.to(device)
-        counts = confusion_counts(pred, tgt).to(device)
-        scores = per_image_scores(counts, self.empty)
-        s = self._state
-        s[_N] += counts.shape[0]
-        for i, name in enumerate(SCORES):
-            v = scores[name]
-            ok = ~torch.isnan(v)
-            s[_SUM + i] += v[ok].sum()
-            s[_CNT + i] += ok.sum()
-        s[_POOL : _POOL + 4] += counts.sum(0).to(torch.float64)
-        s[_EMPTY_T] += ((counts[:, 0] + counts[:, 2]) == 0).sum()
+        if self._state.device != pred.device:
+            self._state = self._state.to(pred.device)
+        counts = confusion_counts(pred, tgt)
+        scores = per_image_scores(counts, self.empty, dtype=torch.float32)
+        values = torch.stack([scores[name] for name in SCORES])  # (7, N)
+        # Masked sums, never v[mask]: a shape that depends on the data would wait for the device.
+        present = ~torch.isnan(values)
+        delta = torch.cat(
+            [
+                torch.full((1,), counts.shape[0], dtype=torch.int64, device=counts.device),
+                fixed_point(values).sum(1),
+                present.sum(1),
+                counts.sum(0),
+                ((counts[:, 0] + counts[:, 2]) == 0).sum().reshape(1),
+                counts.new_zeros(_STATE_LEN - _HD_WHOLE),
+            ]
+        )
+        self._state += delta
         if self.compute_hd95:
             self._update_hd95(pred, tgt, self.spacing if spacing is None else spacing)
 
@@ -274,37 +318,43 @@ class SegmentationMetrics:
                     f"got shape {rows.shape}"
                 )
         p_np, t_np = pred.cpu().numpy(), tgt.cpu().numpy()
-        total, finite, inf = 0.0, 0, 0
+        delta = [0] * _STATE_LEN
         for i in range(n):
             d = hd95(p_np[i], t_np[i], rows[i])
             if math.isfinite(d):
-                total += d
-                finite += 1
+                whole = math.floor(d)
+                delta[_HD_WHOLE] += whole
+                delta[_HD_FRAC] += round((d - whole) * FIXED_POINT)
+                delta[_HD_CNT] += 1
             else:
-                inf += 1
-        self._state[_HD_SUM] += total
-        self._state[_HD_CNT] += finite
-        self._state[_HD_INF] += inf
+                delta[_HD_INF] += 1
+        self._state += torch.tensor(delta, dtype=torch.int64).to(self._state.device)
 
     def compute(self) -> dict[str, float]:
-        """Named results; `_mean` = mean of per-image values, `_pooled` = from counts summed over images."""
-        s = self._state.detach().cpu().double()
+        """Named results; `_mean` = mean of per-image values, `_pooled` = from counts summed over images.
+
+        `hd95_mean` averages the finite HD95 values; `hd95_excluded` is the number of images left out of it
+        (`hd95_inf_count` is the same number under its former name).
+        """
+        s = self._state.detach().cpu().tolist()
         out: dict[str, float] = {}
         for i, name in enumerate(SCORES):
-            cnt = s[_CNT + i].item()
-            out[f"{name}_mean"] = s[_SUM + i].item() / cnt if cnt > 0 else math.nan
-        pooled = per_image_scores(s[_POOL : _POOL + 4].reshape(1, 4), self.empty)
-        n = s[_N].item()
+            cnt = s[_CNT + i]
+            out[f"{name}_mean"] = s[_SUM + i] / FIXED_POINT / cnt if cnt > 0 else math.nan
+        pooled = per_image_scores(torch.tensor([s[_POOL : _POOL + 4]], dtype=torch.int64), self.empty)
+        n = s[_N]
         for name in SCORES:
             out[f"{name}_pooled"] = pooled[name].item() if n > 0 else math.nan
-        hd_cnt = s[_HD_CNT].item()
-        out["hd95_mean"] = s[_HD_SUM].item() / hd_cnt if hd_cnt > 0 else math.nan
-        out["hd95_inf_count"] = s[_HD_INF].item()
-        out["n_images"] = n
-        out["n_empty_target"] = s[_EMPTY_T].item()
+        hd_cnt = s[_HD_CNT]
+        hd_sum = s[_HD_WHOLE] + s[_HD_FRAC] / FIXED_POINT
+        out["hd95_mean"] = hd_sum / hd_cnt if hd_cnt > 0 else math.nan
+        out["hd95_excluded"] = float(s[_HD_INF])
+        out["hd95_inf_count"] = float(s[_HD_INF])
+        out["n_images"] = float(n)
+        out["n_empty_target"] = float(s[_EMPTY_T])
         if self.empty == "nan":
             for i, name in enumerate(SCORES):
-                out[f"{name}_nan_count"] = n - s[_CNT + i].item()
+                out[f"{name}_nan_count"] = float(n - s[_CNT + i])
         return out
 
 

@@ -7,8 +7,10 @@ In `test/output/<id>/` (or the run's own folder when no test script launched it)
   always), TrainAccuracy (not in `_perf` cases), ActualLoss, E2ETrainingTime; `_eval` cases have no FPS
   and no TrainingTime. Folder-specific extra lines (e.g. `ErrorRate = 0.43%`) follow.
 * `train_<CaseName>_loss.txt`: one step loss per line; ActualLoss is its last line.
-* `final_result.txt`: the console "Final result" block the scripts print.
-* `summary.json`: everything above plus device, versions, configuration, per-epoch history and timings.
+* `final_result.txt`: the console "Final result" block the scripts print, then the run's notes (one
+  line each, e.g. how many bad samples `--skip_bad_samples` left out and where they are listed).
+* `summary.json`: everything above plus device, versions, configuration, per-epoch history and timings;
+  `skipped_samples` (samples left out of the data, 0 for a run on all of it) and `notes` always.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class RunSummary:
     step_losses: list[float] = field(default_factory=list)
     extra_lines: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # Lines a reader of the console must see with the result (a result on part of the data says so).
+    notes: list[str] = field(default_factory=list)
+    skipped_samples: int = 0
 
 
 def summary_lines(target: SummaryTarget, run: RunSummary, e2e_seconds: float) -> list[str]:
@@ -110,6 +115,7 @@ def final_result_block(target: SummaryTarget, run: RunSummary, e2e_seconds: floa
         label = "Final eval Accuracy" if target.mode == "eval" else "Final Train Accuracy"
         lines.append(f"{label} : {_fmt(run.train_accuracy)}")
     lines.append(f"E2E Training Duration sec : {int(round(e2e_seconds))}")
+    lines.extend(f"Note: {note}" for note in run.notes)
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +163,8 @@ def write_summary(target: SummaryTarget, run: RunSummary) -> Path:
         "actual_loss": run.actual_loss,
         "e2e_training_time_s": e2e,
         "summary_lines": lines,
+        "skipped_samples": run.skipped_samples,
+        "notes": list(run.notes),
         **run.details,
     }
     _atomic_write_text(target.output_dir / "summary.json", json.dumps(_json_safe(payload), indent=2) + "\n")

@@ -189,3 +189,15 @@ def start_killed_training(folder: Path, moment: str, loss_factory: str, args: li
     return subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+# ---- host-device synchronisation counter -----------------------------------------------------------------
+
+
+def __getattr__(name: str):
+    # SyncCounter subclasses torch's dispatch mode; the script suites import this module without torch.
+    if name == "SyncCounter":
+        from common.sync_counter import SyncCounter
+
+        return SyncCounter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

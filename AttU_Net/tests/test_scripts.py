@@ -115,6 +115,21 @@ def test_two_real_ranks(demo, cache):
     assert "ranks: 2" in (OUTPUT / "0" / "train_0.log").read_text()
 
 
+def test_pthtar2onx_py_runs_pthtar2onnx_py_with_the_same_help_and_errors(cache):
+    """The original's name and the ModelZoo name are one program: the same help, word for word, and the
+    same one-line error and exit status for a user's mistake."""
+    helps = [run([sys.executable, name, "--help"], cache) for name in ("pthtar2onx.py", "pthtar2onnx.py")]
+    assert [p.returncode for p in helps] == [0, 0], helps[0].stderr + helps[1].stderr
+    assert helps[0].stdout == helps[1].stdout
+    assert "usage: pthtar2onnx.py" in helps[1].stdout and "--pth_path" in helps[1].stdout
+    errors = [
+        run([sys.executable, name, "--image_size", "40"], cache)
+        for name in ("pthtar2onx.py", "pthtar2onnx.py")
+    ]
+    assert [p.returncode for p in errors] == [2, 2]
+    assert errors[0].stderr == errors[1].stderr and errors[1].stderr.startswith("[Error] --image_size")
+
+
 def test_dataset_py_prints_the_split(demo, cache, tmp_path):
     proc = run(
         [sys.executable, "dataset.py", "--data_path", str(demo), "--output_path", str(tmp_path / "ds")], cache
@@ -132,7 +147,7 @@ def test_a_missing_checkpoint_and_bad_flags_are_explained(demo, tmp_path, monkey
     monkeypatch.setenv("MODELZOO_CACHE_DIR", str(tmp_path / "cache"))
     assert DEFAULTS == {"model_type": "AttU_Net"}
     args = ["--mode", "test", "--model_path", str(tmp_path), "--data_path", str(demo), "--image_size", "32"]
-    assert main(args, defaults=DEFAULTS) == 1
+    assert main(args, defaults=DEFAULTS) == 2
     err = capsys.readouterr().err
     assert "no weights at" in err and "AttU_Net" in err and "--pth_path" in err
     with pytest.raises(SystemExit):

@@ -96,6 +96,21 @@ def test_r2attu_net_pipeline_on_two_ranks_then_test_predict_export(demo, cache, 
     assert "onnxruntime agrees with PyTorch" in proc.stdout
 
 
+def test_pthtar2onx_py_runs_pthtar2onnx_py_with_the_same_help_and_errors(cache):
+    """The original's name and the ModelZoo name are one program: the same help, word for word, and the
+    same one-line error and exit status for a user's mistake."""
+    helps = [run([sys.executable, name, "--help"], cache) for name in ("pthtar2onx.py", "pthtar2onnx.py")]
+    assert [p.returncode for p in helps] == [0, 0], helps[0].stderr + helps[1].stderr
+    assert helps[0].stdout == helps[1].stdout
+    assert "usage: pthtar2onnx.py" in helps[1].stdout and "--pth_path" in helps[1].stdout
+    errors = [
+        run([sys.executable, name, "--image_size", "40"], cache)
+        for name in ("pthtar2onx.py", "pthtar2onnx.py")
+    ]
+    assert [p.returncode for p in errors] == [2, 2]
+    assert errors[0].stderr == errors[1].stderr and errors[1].stderr.startswith("[Error] --image_size")
+
+
 def test_the_default_network_is_r2attu_net_with_t3():
     from main import DEFAULTS
 

@@ -12,7 +12,10 @@ never reach the threshold (a label map {0, 1, 2}, {0, 7}) are refused. Image pag
 multipage TIFF (16-bit, float or colour stacks are refused: convert them); single-page files go through
 common.imageio.read_image (colour -> luma, 16-bit scaled by 255/65535).
 
-Accepted layouts of `--data_url` (both are checked before any training step):
+Accepted layouts of `--data_url` (both are checked before any training step; a bad page file of the
+slices layout, unreadable or without its label, is refused with every other one named, or left out with
+`skip_bad` / `--skip_bad_samples` and listed in `IsbiData.skipped`; the two stacks of the TIFF layout hold
+every page, so a damaged stack is refused either way):
 
     <data_url>/train-volume.tif, train-labels.tif [, test-volume.tif]     the challenge's multipage TIFFs
     <data_url>/train/images/*.tif, train/labels/*.tif [, test/images/]   one page per file, as many mirrors
@@ -43,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.datacheck import check_pairs, pair_by_stem
+from common.datacheck import SKIP_HINT, BadSample, check_pairs, drop_bad, pair_samples
 from common.errors import ConfigError, DataError
 from common.imageio import IMAGE_EXTENSIONS, binarize_mask, read_image, read_label, read_mask, read_tiff_stack
 from common.loader import SeededDataset
@@ -80,6 +83,8 @@ class IsbiData:
     names: list[str] = field(default_factory=list)
     # One line per label file whose values were not exactly binary and were thresholded (the policy above).
     label_notes: list[str] = field(default_factory=list)
+    # Page files left out under skip_bad (unreadable, mis-sized, or an image without its label).
+    skipped: list[BadSample] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -153,12 +158,13 @@ def slice_folders(root: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _load_slices(root: Path, images_dir: Path, labels_dir: Path) -> IsbiData:
+def _load_slices(root: Path, images_dir: Path, labels_dir: Path, skip_bad: bool = False) -> IsbiData:
     images, labels = _image_files(images_dir), _image_files(labels_dir)
     if not images:
         raise DataError(images_dir, f"no image files ({', '.join(IMAGE_EXTENSIONS)}).\n{EXPECTED_TREE}")
-    pairs = pair_by_stem(images, labels)
-    check_pairs(pairs, lambda p: read_image(p, "L"), read_mask)
+    pairs, skipped = pair_samples(images, labels, skip_bad=skip_bad)
+    skipped += check_pairs(pairs, lambda p: read_image(p, "L"), read_mask, skip_bad=skip_bad, hint=SKIP_HINT)
+    pairs = drop_bad(pairs, skipped)
     pairs.sort(key=lambda pair: _page_order(pair[0]))
     image_pages = [read_image(img, "L") for _, img, _ in pairs]
     label_pages, notes = [], []
@@ -177,6 +183,7 @@ def _load_slices(root: Path, images_dir: Path, labels_dir: Path) -> IsbiData:
         layout="slices",
         names=[key for key, _, _ in pairs],
         label_notes=notes,
+        skipped=skipped,
     )
 
 
@@ -207,8 +214,9 @@ def _load_tiffs(root: Path) -> IsbiData:
     )
 
 
-def load_train_data(data_url: str | Path) -> IsbiData:
-    """Decode and check the training pages of either layout; every problem raises one DataError."""
+def load_train_data(data_url: str | Path, *, skip_bad: bool = False) -> IsbiData:
+    """Decode and check the training pages of either layout; every problem raises one DataError, except
+    bad page files of the slices layout with `skip_bad`: those are left out (the result's `skipped`)."""
     root = Path(data_url)
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
@@ -221,7 +229,7 @@ def load_train_data(data_url: str | Path) -> IsbiData:
             raise DataError(
                 root, f"holds neither {TRAIN_VOLUME} nor train/images + train/labels.\n{EXPECTED_TREE}"
             )
-        data = _load_slices(root, *folders)
+        data = _load_slices(root, *folders, skip_bad=skip_bad)
     if len(data) < 3:
         raise DataError(root, f"{len(data)} training page(s); the 5-fold split needs at least 3")
     return data

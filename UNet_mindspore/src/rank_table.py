@@ -21,15 +21,24 @@ The number of ranks is the number of devices listed; a server's processes use it
 not need the device IPs (HCCL/NCCL/gloo rendezvous through MASTER_ADDR), they are only checked for shape.
 Ranks must be numbered server by server (0..n-1 on the first server, n..2n-1 on the second, ...), with the
 same number of devices on every server, which is how torchrun numbers them too.
+
+A table's `device_id`s are physical NPU ids. Under ASCEND_RT_VISIBLE_DEVICES the runtime renumbers the
+visible NPUs 0..n-1 in the order listed (torch_npu/npu/__init__.py `_parse_visible_devices`: ids separated
+by commas, ascending), and a process selects its NPU by that logical index: `logical_device` maps one to
+the other.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import DataError
+from common.errors import ConfigError, DataError
+
+VISIBLE_DEVICES = "ASCEND_RT_VISIBLE_DEVICES"
 
 
 @dataclass(frozen=True)
@@ -180,3 +189,37 @@ def read_rank_table(path: str | Path) -> RankTable:
     if declared is not None and _int(declared, "server_count", path) != len(servers):
         raise DataError(path, f"server_count is {declared} but {len(servers)} servers are listed")
     return RankTable(path=path, servers=tuple(servers))
+
+
+def visible_devices(env: Mapping[str, str] | None = None) -> list[int] | None:
+    """The physical NPU ids ASCEND_RT_VISIBLE_DEVICES makes visible, in logical order; None when it is unset.
+
+    A value the runtime would read differently from what it says (a stray character ends torch_npu's parse
+    there; ids out of ascending order make it see no NPU) raises ConfigError instead.
+    """
+    text = (os.environ if env is None else env).get(VISIBLE_DEVICES)
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not text.strip() or not all(part.isdigit() for part in parts):
+        raise ConfigError(f"{VISIBLE_DEVICES}={text!r} must list NPU ids separated by commas, e.g. 4,5,6,7")
+    ids = [int(part) for part in parts]
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        raise ConfigError(
+            f"{VISIBLE_DEVICES}={text!r} must list its NPU ids in ascending order, each once "
+            "(the Ascend runtime sees no NPU otherwise)"
+        )
+    return ids
+
+
+def logical_device(physical: int, visible: list[int] | None, table: str | Path | None = None) -> int:
+    """The index a process passes to set_device for the physical NPU `physical` of a rank table."""
+    if visible is None:
+        return physical
+    if physical not in visible:
+        where = f"the rank table {table} puts a rank on" if table else "a rank asks for"
+        raise ConfigError(
+            f"{where} NPU {physical}, which {VISIBLE_DEVICES}={','.join(map(str, visible))} hides; "
+            "list it there or fix the table"
+        )
+    return visible.index(physical)

@@ -17,7 +17,11 @@ Metrics (every name says what it is):
 * `hard_dice_membrane`: Dice of the arg-max prediction of class 0 (membrane, the structure the ISBI
   challenge scores) against the label, per image then averaged (`_pooled`: over all pixels at once);
   `hard_iou_membrane` likewise, `hd95_membrane` the 95th-percentile Hausdorff distance in output pixels.
-  `hard_dice_cell` is the same for class 1 (cell interior).
+  `hard_dice_cell` is the same for class 1 (cell interior). `hd95_membrane_excluded` counts the images
+  left out of `hd95_membrane` (an empty prediction or label: the distance is infinite).
+
+The state is int64 on the device (counts and fixed-point sums, as `common.metrics`): no float64 on an
+accelerator, and sums that merge exactly over ranks.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ import torch
 
 from common.checkpoint import link_checkpoint
 from common.engine import EpochStats, StepInfo
-from common.metrics import SegmentationMetrics, confusion_counts, hd95, per_image_scores
+from common.metrics import (
+    FIXED_POINT,
+    SegmentationMetrics,
+    confusion_counts,
+    fixed_point,
+    hd95,
+    per_image_scores,
+)
 
 CKPT_PREFIX = "ckpt_unet_medical_adam"
 _CKPT_RE = re.compile(rf"^{CKPT_PREFIX}-(\d+)_(\d+)\.pth$")
@@ -83,9 +94,10 @@ class StepLossTimeMonitor:
 
 
 def dice_coeff(prob: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """The original's per-image Dice over every class: (N, C, H, W) probabilities and labels -> (N,)."""
-    p = prob.double().flatten(1)
-    y = onehot.double().flatten(1)
+    """The original's per-image Dice over every class: (N, C, H, W) probabilities and labels -> (N,) float32
+    (as MindSpore computes it; float64 is slow or missing on accelerators)."""
+    p = prob.float().flatten(1)
+    y = onehot.float().flatten(1)
     return 2 * (p * y).sum(1) / ((p * p).sum(1) + (y * y).sum(1) + _SMOOTH)
 
 
@@ -97,39 +109,53 @@ class UnetMetrics:
     """Accumulates `dice_coeff`, `iou` and the hard per-class scores; DDP-exact through its state tensor.
 
     `update` takes logits (N, C, H, W) and one-hot targets of the same shape and returns one record per
-    image (for eval.py's per-slice table).
+    image (for eval.py's per-slice table). `device`: where the state starts (the runtime's device, so a
+    rank without images still reduces a tensor on the process group's device); it follows the data.
     """
 
-    def __init__(self, compute_hd95: bool = False):
+    def __init__(self, compute_hd95: bool = False, device: torch.device | str | None = None):
         self.compute_hd95 = compute_hd95
-        self.membrane = SegmentationMetrics(from_logits=False, compute_hd95=compute_hd95)
-        self.cell = SegmentationMetrics(from_logits=False)
+        self.membrane = SegmentationMetrics(from_logits=False, compute_hd95=compute_hd95, device=device)
+        self.cell = SegmentationMetrics(from_logits=False, device=device)
+        self._soft = torch.zeros(3, dtype=torch.int64, device=device or "cpu")
         self.reset()
 
+    def to(self, device: torch.device | str) -> UnetMetrics:
+        self._soft = self._soft.to(device)
+        self.membrane.to(device)
+        self.cell.to(device)
+        return self
+
     def reset(self) -> None:
-        self._device = torch.device("cpu")  # the state travels on the device of the logits (NCCL/HCCL)
-        self._soft = torch.zeros(3, dtype=torch.float64)  # sum dice, sum iou, images
+        # fixed-point sum of dice, of iou, and the number of images
+        self._soft = torch.zeros(3, dtype=torch.int64, device=self._soft.device)
         self.membrane.reset()
         self.cell.reset()
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, onehot: torch.Tensor) -> list[dict[str, float]]:
         logits = logits.float()
-        self._device = logits.device
-        dice = dice_coeff(torch.softmax(logits, dim=1), onehot.to(logits.device)).cpu()
-        iou = dice / (2 - dice)
-        self._soft += torch.stack(
-            [dice.sum(), iou.sum(), torch.tensor(float(dice.numel()), dtype=torch.float64)]
-        )
-        records = [{"dice_coeff": float(d), "iou": float(i)} for d, i in zip(dice, iou)]
+        if self._soft.device != logits.device:
+            self._soft = self._soft.to(logits.device)
         onehot = onehot.to(logits.device)
+        dice = dice_coeff(torch.softmax(logits, dim=1), onehot)
+        iou = dice / (2 - dice)
+        self._soft += torch.cat(
+            [
+                fixed_point(dice).sum().reshape(1),
+                fixed_point(iou).sum().reshape(1),
+                torch.full((1,), dice.numel(), dtype=torch.int64, device=dice.device),
+            ]
+        )
+        # The per-image records are read on the host (eval.py prints them), in float64 there.
+        records = [{"dice_coeff": float(d), "iou": float(i)} for d, i in zip(dice.tolist(), iou.tolist())]
         for name, cls, metric in (("membrane", MEMBRANE, self.membrane), ("cell", CELL, self.cell)):
             pred, target = _class_masks(logits, onehot, cls)
             metric.update(pred.float(), target)
-            scores = per_image_scores(confusion_counts(pred, target))
-            for record, d, j in zip(records, scores["dice"], scores["jaccard"]):
-                record[f"hard_dice_{name}"] = float(d)
-                record[f"hard_iou_{name}"] = float(j)
+            scores = per_image_scores(confusion_counts(pred, target).cpu())
+            for record, d, j in zip(records, scores["dice"].tolist(), scores["jaccard"].tolist()):
+                record[f"hard_dice_{name}"] = d
+                record[f"hard_iou_{name}"] = j
             if name == "membrane" and self.compute_hd95:
                 p_np, t_np = pred.cpu().numpy(), target.cpu().numpy()
                 for record, p, t in zip(records, p_np, t_np):
@@ -138,20 +164,20 @@ class UnetMetrics:
 
     def state_tensor(self) -> torch.Tensor:
         parts = [self._soft, self.membrane.state_tensor(), self.cell.state_tensor()]
-        return torch.cat([part.to(self._device) for part in parts])
+        return torch.cat([part.to(self._soft.device) for part in parts])
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
-        state = state.detach().cpu().double()
+        state = state.detach().to(device=self._soft.device, dtype=torch.int64)
         n = self.membrane.state_tensor().numel()
         self._soft = state[:3].clone()
         self.membrane.load_state_tensor(state[3 : 3 + n])
         self.cell.load_state_tensor(state[3 + n :])
 
     def compute(self) -> dict[str, float]:
-        images = self._soft[2].item()
+        dice_sum, iou_sum, images = self._soft.cpu().tolist()
         out = {
-            "dice_coeff": self._soft[0].item() / images if images else math.nan,
-            "iou": self._soft[1].item() / images if images else math.nan,
+            "dice_coeff": dice_sum / FIXED_POINT / images if images else math.nan,
+            "iou": iou_sum / FIXED_POINT / images if images else math.nan,
         }
         membrane, cell = self.membrane.compute(), self.cell.compute()
         out.update(
@@ -162,10 +188,11 @@ class UnetMetrics:
             hard_dice_cell=cell["dice_mean"],
             hard_dice_cell_pooled=cell["dice_pooled"],
             pixel_accuracy=membrane["acc_pooled"],
-            n_images=images,
+            n_images=float(images),
         )
         if self.compute_hd95:
             out["hd95_membrane"] = membrane["hd95_mean"]
+            out["hd95_membrane_excluded"] = membrane["hd95_excluded"]
         return out
 
 

@@ -1,14 +1,12 @@
 # shellcheck shell=bash
 # Sourced by the four test/*.sh cases after they set Network, RANK_SIZE, batch_size, epochs, mode and
 # repeat: the train.py command line of the ModelZoo contract (common/scripts/modelzoo.sh) for this model.
-# batch_size is global (ModelZoo); train.py's --batchsize is per device (MindSpore), so it is divided here.
+# batch_size is global over all ranks of all nodes (ModelZoo); train.py's --batchsize is per device
+# (MindSpore), so it gets modelzoo_main's per_rank_batch = batch_size / (RANK_SIZE x NNODES).
 demo_dataset=isbi2012
 loss_scale=1024 # the original's FixedLossScaleManager(1024), used when the library turns AMP on
 train_command() {
-    if [ $((batch_size % RANK_SIZE)) -ne 0 ]; then
-        modelzoo_die "--batch_size $batch_size (global) is not divisible by RANK_SIZE=$RANK_SIZE"
-    fi
-    CMD=(train.py --data_url="$data_path" --batchsize=$((batch_size / RANK_SIZE)) --epochs="$epochs"
+    CMD=(train.py --data_url="$data_path" --batchsize="$per_rank_batch" --epochs="$epochs"
         --repeat="$repeat" --ckpt_dir="$MODELZOO_OUTPUT_DIR/ckpt")
     [ -n "$workers" ] && CMD+=(--workers="$workers")
     [ -n "$pth_path" ] && CMD+=(--resume="$pth_path")

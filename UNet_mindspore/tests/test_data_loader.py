@@ -163,6 +163,43 @@ def test_data_errors_name_the_file_and_the_rule(tmp_path):
         load_train_data(folder)
 
 
+def _slices_with_bad_files(root, pages: int = 6):
+    """One page file per slice; page 1's image cut short, page 4's label removed. Returns both files."""
+    images, labels = _synthetic(pages=pages)
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "labels").mkdir(parents=True)
+    for i in range(pages):
+        tifffile.imwrite(root / "train" / "images" / f"{i}.tif", images[i])
+        tifffile.imwrite(root / "train" / "labels" / f"{i}.tif", labels[i])
+    cut = root / "train" / "images" / "1.tif"
+    cut.write_bytes(cut.read_bytes()[:100])
+    (root / "train" / "labels" / "4.tif").unlink()
+    return images, labels, cut, root / "train" / "images" / "4.tif"
+
+
+def test_bad_page_files_are_refused_by_default_every_one_named(tmp_path):
+    _, _, cut, lonely = _slices_with_bad_files(tmp_path)
+    with pytest.raises(DataError) as info:
+        load_train_data(tmp_path)
+    assert f"{lonely}: image has no mask" in str(info.value) and "--skip_bad_samples" in str(info.value)
+    (tmp_path / "train" / "images" / "4.tif").unlink()
+    with pytest.raises(DataError) as info:
+        load_train_data(tmp_path)
+    assert f"{cut}: " in str(info.value) and "1 problem(s) in 1 file(s) out of 5 pairs" in str(info.value)
+    assert "--skip_bad_samples" in str(info.value)
+
+
+def test_bad_page_files_are_left_out_and_listed_with_skip_bad(tmp_path):
+    images, labels, cut, lonely = _slices_with_bad_files(tmp_path)
+    data = load_train_data(tmp_path, skip_bad=True)
+    assert data.names == ["0", "2", "3", "5"]
+    assert np.array_equal(data.images, images[[0, 2, 3, 5]]) and np.array_equal(
+        data.labels, labels[[0, 2, 3, 5]] == 255
+    )
+    assert sorted((b.id, b.path) for b in data.skipped) == [("1", str(cut)), ("4", str(lonely))]
+    assert load_train_data(tmp_path / "train", skip_bad=True).names == data.names
+
+
 def test_slice_folder_pairs_by_name(tmp_path):
     images, labels = _synthetic(pages=4)
     for i in range(4):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from common.checkpoint import load_checkpoint
 from common.demo_data import write_isbi2012
 from common.errors import CheckpointError, ConfigError
 from common.summary import parse_summary
-from common.testing import child_env
+from common.testing import child_env, truncate, user_error
 
 FOLDER = Path(__file__).resolve().parents[1]
 OUTPUT = FOLDER / "test" / "output"
@@ -139,6 +140,17 @@ def test_export_matches_pytorch_in_onnxruntime(perf_run, tmp_path):
         export.main([f"--ckpt_file={checkpoint}", "--file_format=MINDIR"])
 
 
+def test_export_py_runs_pthtar2onnx_py_with_the_same_help():
+    """The MindSpore name and the ModelZoo name are one program: the same help, word for word, and
+    `export.main` (what callers import) is the function of pthtar2onnx.py."""
+    alias, program = (
+        run([sys.executable, name, "--help"]).stdout for name in ("export.py", "pthtar2onnx.py")
+    )
+    assert alias == program
+    assert "usage: pthtar2onnx.py" in program and "--ckpt_file" in program and "--file_format" in program
+    assert load_script("export").main.__code__.co_filename == str(FOLDER / "pthtar2onnx.py")
+
+
 @pytest.mark.slow
 def test_distribute_script_runs_two_ranks_from_a_rank_table(demo, tmp_path):
     table = tmp_path / "hccl_2p.json"
@@ -200,6 +212,46 @@ def test_resume_continues_exactly(demo, tmp_path):
         train.main([*common, f"--ckpt_dir={tmp_path / 'x'}", f"--resume={tmp_path / 'missing.pth'}"])
 
 
+@pytest.mark.slow
+def test_a_damaged_page_is_refused_by_default_and_left_out_listed_and_noted_with_skip_bad_samples(
+    tmp_path, monkeypatch
+):
+    """The demo stack as one file per page, page 2's image cut short: training and evaluation stop with
+    one error naming it; with --skip_bad_samples both use the other 4 pages, count the page in summary.json
+    and say in final_result.txt where it is listed."""
+    for key in [k for k in os.environ if k.startswith("MODELZOO_")]:
+        monkeypatch.delenv(key)
+    stack = write_isbi2012(tmp_path / "stack", pages=5, size=64)
+    data = tmp_path / "slices"
+    for name, folder in (("train-volume.tif", "images"), ("train-labels.tif", "labels")):
+        (data / "train" / folder).mkdir(parents=True)
+        for i, page in enumerate(tifffile.imread(stack / name)):
+            tifffile.imwrite(data / "train" / folder / f"{i}.tif", page)
+    cut = truncate(data / "train" / "images" / "2.tif", 0.5)
+    train, evaluate = load_script("train"), load_script("eval")
+    ckpt = tmp_path / "ckpt"
+    common = [f"--data_url={data}", "--batchsize=3", "--epochs=1", "--repeat=1", f"--ckpt_dir={ckpt}", *TINY]
+    user_error(lambda: train.main(common), str(cut), "--skip_bad_samples")
+    assert train.main([*common, "--skip_bad_samples"]) == 0
+    note = f"--skip_bad_samples: 1 bad sample(s) left out (1 problem(s)); listed in {ckpt / 'skipped_samples.txt'}"
+    summary = json.loads((ckpt / "summary.json").read_text())
+    assert summary["skipped_samples"] == 1 and summary["notes"] == [note]
+    assert len(summary["config"]["train_pages"]) + len(summary["config"]["val_pages"]) == 4
+    assert f"Note: {note}" in (ckpt / "final_result.txt").read_text()
+    rows = [row.split("\t")[:2] for row in (ckpt / "skipped_samples.txt").read_text().splitlines()]
+    assert rows == [["2", str(cut)]]
+
+    out = tmp_path / "eval"
+    flags = [f"--data_url={data}", f"--ckpt_path={ckpt / 'checkpoint.pth.tar'}", f"--output_dir={out}",
+             "--predict_test=False"]  # fmt: skip
+    user_error(lambda: evaluate.main(flags), str(cut), "--skip_bad_samples")
+    assert evaluate.main([*flags, "--skip_bad_samples"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_samples"] == 1 and len(summary["per_slice"]) == 1
+    assert f"listed in {out / 'skipped_samples.txt'}" in (out / "final_result.txt").read_text()
+    assert (out / "skipped_samples.txt").read_text().split("\t")[1] == str(cut)
+
+
 def test_bad_settings_are_refused_with_the_rule(demo):
     train = load_script("train")
     with pytest.raises(ConfigError, match="use one of 492 or 508"):
@@ -213,7 +265,7 @@ def test_bad_settings_are_refused_with_the_rule(demo):
 class FakeRun:
     finished: dict = {}
 
-    def finish(self, accuracy, extra_lines=None, details=None):
+    def finish(self, accuracy, extra_lines=None, details=None, notes=(), skipped_samples=0):
         FakeRun.finished = {"accuracy": accuracy, "extra": extra_lines, "details": details}
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import truncnorm
 from src.unet import (
     UNetMedical,
@@ -16,6 +17,8 @@ from src.unet import (
     skip_crops,
     valid_input_sizes,
 )
+
+from common.testing import SyncCounter
 
 WIDTHS = [64, 128, 256, 512, 1024]
 # MindSpore Up1..Up4 crop the skip by these fixed fractions (valid for 572x572 only).
@@ -222,3 +225,42 @@ def test_initialisation_statistics(net):
     up = net.up1.up.weight  # 2.1M samples of N(0, 0.01), not truncated
     assert abs(up.std().item() - 0.01) < 1e-4
     assert up.abs().max() > 0.03
+
+
+def _functional_forward(net: UNetMedical, x: torch.Tensor) -> torch.Tensor:
+    """The U-Net written out with torch.nn.functional on `net`'s weights, each skip centre-cropped by
+    offsets taken from the two shapes: the reference for the module's forward."""
+
+    def double(block, h):
+        first, second = block.double_conv[0], block.double_conv[2]
+        return F.relu(F.conv2d(F.relu(F.conv2d(h, first.weight, first.bias)), second.weight, second.bias))
+
+    skips = [double(net.inc, x)]
+    for down in (net.down1, net.down2, net.down3, net.down4):
+        skips.append(double(down.maxpool_conv[1], F.max_pool2d(skips[-1], 2)))
+    h = skips.pop()
+    for up in (net.up1, net.up2, net.up3, net.up4):
+        h = F.relu(F.conv_transpose2d(h, up.up.weight, up.up.bias, stride=2))
+        skip = skips.pop()
+        top, left = (skip.shape[-2] - h.shape[-2]) // 2, (skip.shape[-1] - h.shape[-1]) // 2
+        skip = skip[..., top : top + h.shape[-2], left : left + h.shape[-1]]
+        h = double(up.conv, torch.cat((h, skip), dim=1))
+    return F.conv2d(h, net.outc.conv.weight, net.outc.conv.bias)
+
+
+@pytest.mark.parametrize("size", [(188, 188), (188, 204)], ids=["188x188", "188x204"])
+def test_forward_and_backward_never_wait_for_the_device(net, size):
+    """The crops come from Python ints (tensor shapes), so no step of the network reads a device value."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 1, *size)
+    target = torch.randint(0, 2, (2, size[0] - 184, size[1] - 184))
+    try:
+        with SyncCounter() as syncs:
+            out = net(x)
+            F.cross_entropy(out, target).backward()
+        assert syncs.total == 0, syncs
+        assert syncs.ops > 100  # the whole network went through the counter
+        with torch.no_grad():
+            torch.testing.assert_close(out, _functional_forward(net, x), rtol=1e-5, atol=1e-6)
+    finally:
+        net.zero_grad(set_to_none=True)

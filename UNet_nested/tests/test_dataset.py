@@ -109,6 +109,45 @@ def test_cache_resizes_to_the_training_size_and_checks_files_first(tmp_path):
         ds.cached_arrays(ds.find_samples(tmp_path), 32, 32, 3, log=lambda _: None)
 
 
+def _damage(root):
+    """Truncate id01's image, remove id03's mask; returns the two files a message must name."""
+    image = root / "images" / "id01.png"
+    image.write_bytes(image.read_bytes()[:60])
+    (root / "masks" / "0" / "id03.png").unlink()
+    return image, root / "images" / "id03.png"
+
+
+def test_bad_samples_are_refused_by_default_every_file_named(tmp_path):
+    _write_prepared(tmp_path, n=6)
+    truncated, lonely = _damage(tmp_path)
+    with pytest.raises(DataError) as info:
+        ds.list_samples(tmp_path, skip_bad=False)
+    assert f"{lonely}: image has no mask" in str(info.value) and "--skip_bad_samples" in str(info.value)
+    samples, _ = ds.list_samples(tmp_path, skip_bad=True)
+    with pytest.raises(DataError) as info:
+        ds.check_samples(samples, 32, 32, 3, log=lambda _: None, skip_bad=False)
+    message = str(info.value)
+    assert f"{truncated}: cannot decode" in message and "1 problem(s) in 1 file(s) out of 5 pairs" in message
+    assert "--skip_bad_samples" in message
+    assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_bad_samples_are_left_out_and_returned_with_skip_bad(tmp_path):
+    masks = _write_prepared(tmp_path, n=6)
+    truncated, lonely = _damage(tmp_path)
+    samples, unpaired = ds.list_samples(tmp_path, skip_bad=True)
+    assert [(b.id, b.path, b.problem) for b in unpaired] == [("id03", str(lonely), "image has no mask")]
+    kept, unreadable = ds.check_samples(samples, 32, 32, 3, log=lambda _: None, skip_bad=True)
+    assert [b.id for b in unreadable] == ["id01"] and unreadable[0].path == str(truncated)
+    assert [s[0] for s in kept] == ["id00", "id02", "id04", "id05"]
+    images, mask_map = ds.cached_arrays(kept, 32, 32, 3, log=lambda _: None, checked=True)
+    assert images.shape[0] == 4
+    np.testing.assert_array_equal(np.asarray(mask_map[1]).astype(bool), masks["id02"])
+    # The cache of exactly these samples is valid now: nothing is decoded again.
+    again = ds.check_samples(kept, 32, 32, 3, log=lambda _: pytest.fail("decoded again"), skip_bad=False)
+    assert again == (kept, [])
+
+
 def test_training_augmentation_is_seeded_and_keeps_image_and_mask_aligned(tmp_path):
     _write_prepared(tmp_path, n=3, size=32)
     images, masks = ds.cached_arrays(ds.find_samples(tmp_path), 32, 32, 3, log=lambda _: None)

@@ -276,11 +276,9 @@ def test_wrong_extension_says_which_flag_to_set(tmp_path, capsys):
     )
 
 
-def test_kaggle_folders_with_problems_are_skipped_counted_and_the_rest_handled(tmp_path, capsys, trained):
-    """Documented policy of the preparation: a sample folder without image or masks, or with an unreadable
-    or mis-sized file, is skipped with a warning and counted in summary.json; RGBA (alpha dropped), grey
-    and 16-bit images and 0/1 instance masks are read. Independent check: the prepared PNGs against the
-    arrays written (the size is the training size, so nothing is resampled)."""
+def _kaggle_with_problems(tmp_path: Path) -> tuple[Path, dict, list[Path]]:
+    """stage1_train with 8 good folders (RGBA, alpha, grey, 16-bit, 0/1 masks) and 4 bad ones: no masks,
+    no image, a truncated image, a mis-sized mask. Returns (stage1, expected RGB per id, bad files)."""
     stage1 = tmp_path / "kaggle" / "stage1_train"
     expected_rgb = {}
     for i in range(4):  # plain RGBA with 0/255 instance masks
@@ -302,16 +300,46 @@ def test_kaggle_folders_with_problems_are_skipped_counted_and_the_rest_handled(t
     expected_rgb["zero_one"] = _rgba(7)[:, :, :3]
     kaggle_folder(stage1, "no_masks", _rgba(0), [])
     kaggle_folder(stage1, "no_image", None, _instances(0))
-    truncate(kaggle_folder(stage1, "truncated", _rgba(1), _instances(1)) / "images" / "truncated.png", 0.5)
-    small = kaggle_folder(stage1, "small_mask", _rgba(2), [np.zeros((8, 8), np.uint8)])
+    truncated = kaggle_folder(stage1, "truncated", _rgba(1), _instances(1)) / "images" / "truncated.png"
+    truncate(truncated, 0.5)
+    small = kaggle_folder(stage1, "small_mask", _rgba(2), [np.zeros((8, 8), np.uint8)]) / "masks" / "m0.png"
+    return stage1, expected_rgb, [stage1 / "no_masks", stage1 / "no_image", truncated, small]
 
-    # --evaluate (a forward pass) prepares, checks and caches the data exactly as training does.
-    args = [*TINY, "--models_dir", str(tmp_path / "models"), "--data_path", str(tmp_path / "kaggle"),
+
+def test_kaggle_folders_with_problems_are_refused_every_one_named(tmp_path, capsys, trained):
+    """Training refuses a download with bad sample folders by default: one error names every bad file,
+    with their count and the flag that leaves them out; nothing is prepared, cached or written."""
+    _, _, bad = _kaggle_with_problems(tmp_path)
+    message = user_error(
+        _train(tmp_path, "--data_path", str(tmp_path / "kaggle"), "--val_split", "0.25", "--evaluate",
+               "--resume", str(trained[1])),
+        "4 of 12 sample folder(s) cannot be used", *[str(p) for p in bad], "--skip_bad_samples",
+        stderr=_err(capsys),
+    )  # fmt: skip
+    assert "no masks" in message and "no image" in message and "cannot decode" in message
+    assert not (tmp_path / "kaggle" / f"dsb2018_{SIZE}").exists()
+    _nothing_written(tmp_path, tmp_path / "kaggle")
+
+
+def test_kaggle_folders_with_problems_are_skipped_counted_and_the_rest_handled(tmp_path, capsys, trained):
+    """With --skip_bad_samples the preparation leaves the 4 bad folders out, says how many and where they
+    are listed; training on its output counts them in summary.json. RGBA (alpha dropped), grey and
+    16-bit images and 0/1 instance masks are read. Independent check: the prepared PNGs against the
+    arrays written (the size is the training size, so nothing is resampled)."""
+    stage1, expected_rgb, bad = _kaggle_with_problems(tmp_path)
+    prepared_dir = tmp_path / "kaggle" / f"dsb2018_{SIZE}"
+    assert prep.main(["--data_path", str(tmp_path / "kaggle"), "--output", str(prepared_dir),
+                      "--input_w", str(SIZE), "--skip_bad_samples"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"--skip_bad_samples: skipped 4 folder(s), listed in {prepared_dir / 'skipped_samples.txt'}" in out
+    listed = [line.split("\t") for line in (prepared_dir / "skipped_samples.txt").read_text().splitlines()]
+    assert sorted(row[1] for row in listed) == sorted(str(p) for p in bad)
+
+    # --evaluate (a forward pass) checks and caches the data exactly as training does.
+    args = [*TINY, "--models_dir", str(tmp_path / "models"), "--data_path", str(prepared_dir),
             "--val_split", "0.25", "--evaluate", "--resume", str(trained[1])]  # fmt: skip
     assert train.main(args) == 0
-    out = capsys.readouterr().out
-    assert "skipped 4 folder(s)" in out and "WARNING: 4 sample folder(s)" in out
-    prepared_dir = tmp_path / "kaggle" / f"dsb2018_{SIZE}"
+    assert "WARNING: 4 sample folder(s)" in capsys.readouterr().out
     index = {"ok0": 0, "ok1": 1, "ok2": 2, "ok3": 3, "alpha": 4, "grey": 5, "deep": 6, "zero_one": 7}
     for name, rgb in expected_rgb.items():
         np.testing.assert_array_equal(
@@ -326,8 +354,8 @@ def test_kaggle_folders_with_problems_are_skipped_counted_and_the_rest_handled(t
     problems = dict(summary["skipped"])
     assert problems[str(stage1 / "no_masks")].startswith("no masks")
     assert problems[str(stage1 / "no_image")].startswith("no image")
-    assert "cannot decode" in problems[str(stage1 / "truncated" / "images" / "truncated.png")]
-    assert "differs from the image's" in problems[str(small / "masks" / "m0.png")]
+    assert "cannot decode" in problems[str(bad[2])]
+    assert "differs from the image's" in problems[str(bad[3])]
 
 
 def test_jpeg_compressed_masks_are_binarised_as_documented(tmp_path, capsys, trained):

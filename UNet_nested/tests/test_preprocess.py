@@ -39,17 +39,17 @@ def _png(path) -> np.ndarray:
     return np.array(Image.open(path))
 
 
-def test_real_folders_become_binary_96px_pairs_and_broken_ones_are_reported(tmp_path):
+def test_real_folders_become_binary_96px_pairs_and_broken_ones_are_skipped_when_asked(tmp_path):
     folders = _real_folders(3)
     stage1 = _stage1_with(tmp_path, folders)
     assert prep.locate_stage1(tmp_path / "kaggle") == stage1
     out = tmp_path / "dsb2018_96"
     messages: list[str] = []
-    report = prep.preprocess(stage1, out, 96, 96, log=messages.append)
+    report = prep.preprocess(stage1, out, 96, 96, log=messages.append, skip_bad=True)
     assert report.written == [f.name for f in folders]
-    assert sorted(p for p, _ in report.skipped) == [str(stage1 / "empty_folder"), str(stage1 / "no_masks")]
-    assert any("no masks" in problem for _, problem in report.skipped)
-    assert "skipped 2 folder(s)" in messages[-1]
+    assert sorted(b.path for b in report.skipped) == [str(stage1 / "empty_folder"), str(stage1 / "no_masks")]
+    assert any("no masks" in b.problem for b in report.skipped)
+    assert f"--skip_bad_samples: skipped 2 folder(s), listed in {out / 'skipped_samples.txt'}" in messages[-1]
     for folder in folders:
         image = Image.open(out / "images" / f"{folder.name}.png")
         mask = Image.open(out / "masks" / "0" / f"{folder.name}.png")
@@ -118,19 +118,72 @@ def test_resized_mask_is_binary_with_the_expected_area(tmp_path):
     assert abs((mask > 0).sum() - side**2) <= 4 * side
 
 
-def test_unreadable_and_mismatched_files_are_skipped_with_their_names(tmp_path):
+def _stage1_with_bad_files(tmp_path):
+    """Two good folders, then a truncated mask, a mis-sized mask and a folder without masks."""
     stage1 = tmp_path / "stage1_train"
     _synthetic_folder(stage1, "good")
+    _synthetic_folder(stage1, "good2")
     _synthetic_folder(stage1, "truncated")
-    path = stage1 / "truncated" / "masks" / "m1.png"
-    path.write_bytes(path.read_bytes()[:40])
+    truncated = stage1 / "truncated" / "masks" / "m1.png"
+    truncated.write_bytes(truncated.read_bytes()[:40])
     _synthetic_folder(stage1, "small_mask")
-    Image.new("L", (10, 10)).save(stage1 / "small_mask" / "masks" / "m2.png")
-    report = prep.preprocess(stage1, tmp_path / "out", 32, 32, log=lambda _: None)
-    assert report.written == ["good"]
-    problems = dict(report.skipped)
-    assert "cannot decode" in problems[str(path)]
-    assert "differs from the image" in problems[str(stage1 / "small_mask" / "masks" / "m2.png")]
+    small = stage1 / "small_mask" / "masks" / "m2.png"
+    Image.new("L", (10, 10)).save(small)
+    (stage1 / "no_masks" / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(stage1 / "no_masks" / "images" / "no_masks.png")
+    return stage1, truncated, small
+
+
+def test_bad_folders_are_refused_by_default_every_file_named_and_nothing_written(tmp_path):
+    stage1, truncated, small = _stage1_with_bad_files(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as info:
+        prep.preprocess(stage1, out, 32, 32, log=lambda _: None)
+    message = str(info.value)
+    assert "3 of 5 sample folder(s) cannot be used" in message
+    for named in (truncated, small, stage1 / "no_masks"):
+        assert str(named) in message
+    assert "cannot decode" in message and "differs from the image" in message and "no masks" in message
+    assert "--skip_bad_samples" in message
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_bad_folders_are_skipped_and_listed_with_skip_bad(tmp_path):
+    stage1, truncated, small = _stage1_with_bad_files(tmp_path)
+    out = tmp_path / "out"
+    report = prep.preprocess(stage1, out, 32, 32, log=lambda _: None, skip_bad=True)
+    assert report.written == ["good", "good2"]
+    problems = {b.path: b.problem for b in report.skipped}
+    assert "cannot decode" in problems[str(truncated)]
+    assert "differs from the image" in problems[str(small)]
+    assert problems[str(stage1 / "no_masks")].startswith("no masks")
+    assert sorted(b.id for b in report.skipped) == ["no_masks", "small_mask", "truncated"]
+    listed = (out / "skipped_samples.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[1] for line in listed) == sorted(problems)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["good.png", "good2.png"]
+
+
+def test_a_reused_preparation_that_left_folders_out_is_refused_without_skip_bad(tmp_path):
+    stage1, truncated, _ = _stage1_with_bad_files(tmp_path)
+    out = tmp_path / "out"
+    prep.preprocess(stage1, out, 32, 32, log=lambda _: None, skip_bad=True)
+    with pytest.raises(DataError, match="3 of 5 sample folder") as info:
+        prep.preprocess(stage1, out, 32, 32, log=lambda _: None)
+    assert str(truncated) in str(info.value)
+    again = prep.preprocess(stage1, out, 32, 32, log=lambda _: None, skip_bad=True)
+    assert again.reused and sorted(b.id for b in again.skipped) == ["no_masks", "small_mask", "truncated"]
+
+
+def test_the_command_line_takes_skip_bad_samples(tmp_path, capsys):
+    stage1, _, _ = _stage1_with_bad_files(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="cannot be used"):
+        prep.main(["--data_path", str(stage1), "--output", str(out), "--input_w", "32"])
+    assert (
+        prep.main(["--data_path", str(stage1), "--output", str(out), "--input_w", "32", "--skip_bad_samples"])
+        == 0
+    )
+    assert "skipped 3 folder(s)" in capsys.readouterr().out
 
 
 def test_errors_name_the_folder(tmp_path, capsys):

@@ -20,9 +20,10 @@ from inference import image_loader
 from PIL import Image
 
 from common.checkpoint import load_checkpoint, load_weights
+from common.demo_data import write_dsb2018
 from common.errors import CheckpointError, ConfigError
 from common.summary import parse_summary
-from common.testing import child_env, shared_data_dir
+from common.testing import child_env, shared_data_dir, truncate, user_error
 
 FOLDER = Path(__file__).resolve().parents[1]
 TINY = ["--input_w=32", "--input_h=32"]
@@ -161,7 +162,8 @@ def test_resume_continues_exactly(tmp_path, restore_determinism, monkeypatch):
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
     rows = (tmp_path / "b" / name / "log.csv").read_text().splitlines()
     assert (
-        rows[0] == "epoch,lr,loss,iou,val_loss,val_iou,val_dice,val_hd95,elapsed_s,cpu_s" and len(rows) == 3
+        rows[0] == "epoch,lr,loss,iou,val_loss,val_iou,val_dice,val_hd95,val_hd95_excluded,elapsed_s,cpu_s"
+        and len(rows) == 3
     )
 
 
@@ -197,6 +199,49 @@ def test_winograd_convolutions_train_the_same_network(tmp_path, restore_determin
         torch.testing.assert_close(wino[key], value, rtol=1e-4, atol=1e-5, msg=key)
         changed += not torch.equal(wino[key], value)
     assert changed > 0  # the other algorithm really ran
+
+
+def test_damaged_samples_are_refused_by_default_and_left_out_listed_and_noted_with_skip_bad_samples(
+    tmp_path, monkeypatch
+):
+    """A truncated image in the Kaggle demo download stops the run with one error naming it; with
+    --skip_bad_samples its folder is left out of the preparation and of training, counted in summary.json
+    and listed where final_result.txt says. A file damaged in the prepared folder afterwards (checked when
+    the data is cached, here by --evaluate) joins the count and the list."""
+    for key in [k for k in os.environ if k.startswith("MODELZOO_")]:
+        monkeypatch.delenv(key)
+    kaggle = write_dsb2018(tmp_path / "kaggle", n=6)
+    folder = sorted(p for p in (kaggle / "stage1_train").iterdir() if p.is_dir())[2]
+    bad = truncate(folder / "images" / f"{folder.name}.png", 0.5)
+    models = tmp_path / "models"
+    common = ["--data_path", str(kaggle), *TINY, "-b", "4", "--epochs", "1", "--models_dir", str(models),
+              "--warmup_steps", "0"]  # fmt: skip
+    user_error(lambda: train.main(common), str(bad), "cannot decode", "--skip_bad_samples")
+    assert not models.exists()
+
+    assert train.main([*common, "--skip_bad_samples"]) == 0
+    run_dir = models / "demo_dsb2018_32_UNet_woDS"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_samples"] == 1 and summary["train_images"] + summary["val_images"] == 5
+    listed = run_dir / "skipped_samples.txt"
+    assert [row.split("\t")[:2] for row in listed.read_text().splitlines()] == [[folder.name, str(bad)]]
+    assert summary["notes"] == [
+        f"--skip_bad_samples: 1 bad sample(s) left out (1 problem(s)); listed in {listed}"
+    ]
+    assert f"Note: {summary['notes'][0]}" in (run_dir / "final_result.txt").read_text()
+
+    prepared = kaggle / "demo_dsb2018_32"
+    mask = truncate(sorted((prepared / "masks" / "0").iterdir())[0], 0.5)
+    evaluate = [*common, "--evaluate", "--resume", str(run_dir / "model_best.pth.tar")]
+    user_error(lambda: train.main(evaluate), str(mask), "cannot decode", "--skip_bad_samples")
+    assert train.main([*evaluate, "--skip_bad_samples"]) == 0
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["skipped_samples"] == 2 and summary["train_images"] + summary["val_images"] == 4
+    listed_eval = run_dir / "eval" / "skipped_samples.txt"
+    rows = sorted(row.split("\t")[1] for row in listed_eval.read_text().splitlines())
+    assert rows == sorted([str(bad), str(mask)]) and len(listed.read_text().splitlines()) == 1
+    final = (run_dir / "eval" / "final_result.txt").read_text()
+    assert f"2 bad sample(s) left out (2 problem(s)); listed in {listed_eval}" in final
 
 
 def test_auto_convolutions_are_refused_with_deterministic():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# V-Net throughput on 8 devices (ModelZoo 8p performance script: batch 4 per process, 2 epochs).
+# V-Net throughput on 8 devices (ModelZoo 8p performance script: batch 4 per process = global 32, 2 epochs).
 # Usage: RANK_SIZE=8 bash test/train_performance_8p.sh [--data_path=DIR] [--epochs=N] [any train.py flag]
 export RANK_SIZE=${RANK_SIZE:-8}
-batch_size=4
+batch_size=32
 epochs=2
 mode=perf
 learning_rate=1e-3

@@ -12,18 +12,27 @@ from dataset import (
     CaseReader,
     PatchDataset,
     VolumeDataset,
+    check_cases,
     check_patch_size,
     parse_size,
     resolve_data,
     split_cases,
     tiles_per_volume,
+    without_cases,
 )
 from intensity import normalize_ct
 from normalize_dataset import OUT_CT_DIR, OUT_MASK_DIR
 
+from common.cache import CACHE_DIR_ENV
 from common.errors import ConfigError, DataError
 from common.imageio import write_volume
 from common.testing import shared_data
+
+
+@pytest.fixture(autouse=True)
+def _volume_cache_in_tmp(tmp_path, monkeypatch):
+    """Cached volumes of read-only trees (the shared real data) go to the test's folder, not ~/.cache."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "volume_cache"))
 
 
 def write_msd(root, n=3, shape=(20, 28, 24), modality=None, hidden=True):
@@ -74,6 +83,43 @@ def test_missing_label_and_unknown_tree_are_clear_errors(tmp_path):
         resolve_data(tmp_path, dataset="luna16", log=lambda _: None)
 
 
+def _msd_with_bad_cases(root):
+    """Five cases; case_001's image cut short, case_003's label removed. Returns both files."""
+    write_msd(root, n=5, hidden=False)
+    cut = root / "imagesTr" / "case_001.nii.gz"
+    cut.write_bytes(cut.read_bytes()[:200])
+    (root / "labelsTr" / "case_003.nii.gz").unlink()
+    return cut, root / "imagesTr" / "case_003.nii.gz"
+
+
+def test_bad_cases_are_refused_by_default_every_file_named(tmp_path):
+    cut, lonely = _msd_with_bad_cases(tmp_path)
+    with pytest.raises(DataError) as info:
+        resolve_data(tmp_path, log=lambda _: None)
+    assert f"{lonely}: image has no mask" in str(info.value) and "--skip_bad_samples" in str(info.value)
+    spec = resolve_data(tmp_path, log=lambda _: None, skip_bad=True)
+    with pytest.raises(DataError) as info:
+        check_cases(spec, skip_bad=False)
+    message = str(info.value)
+    assert f"{cut}: " in message and "1 problem(s) in 1 file(s) out of 4 pairs" in message
+    assert "--skip_bad_samples" in message
+
+
+def test_bad_cases_are_left_out_and_listed_with_skip_bad(tmp_path):
+    cut, lonely = _msd_with_bad_cases(tmp_path)
+    spec = resolve_data(tmp_path, log=lambda _: None, skip_bad=True)
+    assert spec.ids == ["case_000", "case_001", "case_002", "case_004"]
+    assert [(b.id, b.path) for b in spec.skipped] == [("case_003", str(lonely))]
+    # One rank's share: only the cases it reads are checked.
+    assert check_cases(spec, [0, 2], skip_bad=False) == []
+    bad = check_cases(spec, skip_bad=True)
+    assert [(b.id, b.path) for b in bad] == [("case_001", str(cut))]
+    kept = without_cases(spec, bad)
+    assert kept.ids == ["case_000", "case_002", "case_004"] and spec.ids[1] == "case_001"
+    assert [b.id for b in kept.skipped] == ["case_001", "case_003"]
+    assert CaseReader(kept)(1)[1].sum() == 10 * 8 * 8
+
+
 def test_modelzoo_int16_luna_tree_is_scaled_at_load_time(tmp_path):
     hu = np.full((32, 32, 32), -1000, np.int16)
     hu[8:24, 8:24, 8:24] = -800
@@ -122,7 +168,8 @@ def test_patches_are_padded_seeded_and_tile_without_a_generator(tmp_path):
     tiles = [data[i][0] for i in (0, 1)]  # no generator: the two tiles along y (40 -> 0..32, 8..40)
     assert not torch.equal(tiles[0], tiles[1])
     padded = image[0, :, :, 0]
-    assert float(padded.min()) == pytest.approx(float(CaseReader(spec)(0)[0].min()))
+    case, _ = data.locate(3, 1)
+    assert float(padded.min()) == pytest.approx(float(CaseReader(spec)(case)[0].min()))
     whole, mask = VolumeDataset(CaseReader(spec), [1])[0]
     assert whole.shape == mask.shape == (1, 20, 40, 24)
 

@@ -4,6 +4,7 @@ volumes are 32^3 at 4 mm and each run takes a few steps)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from normalize_dataset import Settings, normalize_tree
+from dataset import split_cases
+from normalize_dataset import OUT_CT_DIR, Settings, normalize_tree
 
 from common.demo_data import write_luna16
 from common.summary import parse_summary
-from common.testing import child_env
+from common.testing import child_env, truncate
 
 FOLDER = Path(__file__).resolve().parents[1]
 OUTPUT = FOLDER / "test" / "output"
@@ -91,15 +93,46 @@ def test_performance_script_one_rank_then_an_exact_resume(luna, tmp_path, clean_
 
 
 def test_full_8p_script_with_two_real_ranks(luna, tmp_path, clean_output):
-    script("train_full_8p.sh", f"--data_path={luna}", "--epochs=1", "--batch_size=1", "--workers=0", *TINY,
+    script("train_full_8p.sh", f"--data_path={luna}", "--epochs=1", "--batch_size=2", "--workers=0", *TINY,
            f"--save={tmp_path}", rank_size=2)  # fmt: skip
-    summary = parse_summary(OUTPUT / "0" / "VNet_bs1_2p_acc.log")
-    assert summary["RankSize"] == "2" and summary["CaseName"] == "VNet_bs1_2p_acc"
+    summary = parse_summary(OUTPUT / "0" / "VNet_bs2_2p_acc.log")
+    assert summary["RankSize"] == "2" and summary["CaseName"] == "VNet_bs2_2p_acc"
     assert 0.0 <= float(summary["TrainAccuracy"]) <= 1.0 and float(summary["ActualFPS"]) > 0
     assert (OUTPUT / "0" / "train_0.log").exists() and (OUTPUT / "1" / "train_1.log").exists()
     rank0 = (OUTPUT / "0" / "train_0.log").read_text()
     assert "ranks: 2" in rank0 and "Test set:" in rank0
     assert "Train Epoch" not in (OUTPUT / "1" / "train_1.log").read_text()  # rank 0 logs, rank 1 is quiet
+
+
+def test_a_damaged_case_is_refused_by_default_and_left_out_on_every_rank_with_skip_bad_samples(
+    tmp_path, clean_output
+):
+    """A truncated CT volume stops the run with one error naming it. With --skip_bad_samples on two ranks
+    the case lies in rank 1's share of the checks, yet both ranks leave it out of the same split; rank 0's
+    summary counts it and its final result says where it is listed."""
+    root = write_luna16(tmp_path / "luna16", n=4, shape=(16, 32, 32))
+    normalize_tree(root, Settings(4.0, (32, 32, 32)), workers=1, log=lambda _: None)
+    split = split_cases(sorted(p.stem for p in (root / OUT_CT_DIR).glob("*.mhd")), 0.15, 0.0, 0)
+    case = [*split["train"], *split["val"]][1::2][0]  # the cases rank 1 of 2 checks
+    bad = truncate(root / OUT_CT_DIR / f"{case}.raw", 0.5)
+    save = tmp_path / "run"
+    flags = [f"--data={root}", "--nEpochs=1", "--batchSz=1", "--workers=0", *TINY, f"--save={save}"]
+    proc = subprocess.run([sys.executable, "train.py", *flags], cwd=FOLDER, env=child_env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("[Error] "), proc.stderr[-3000:]
+    assert str(bad) in proc.stderr and "--skip_bad_samples" in proc.stderr
+
+    script("train_full_8p.sh", f"--data_path={root}", "--epochs=1", "--batch_size=2", "--workers=0", *TINY,
+           f"--save={save}", "--skip_bad_samples", rank_size=2)  # fmt: skip
+    summary = json.loads((OUTPUT / "0" / "summary.json").read_text())
+    kept = [*summary["split"]["train"], *summary["split"]["val"]]
+    assert summary["skipped_samples"] == 1 and case not in kept and len(kept) == 3
+    listed = save / "skipped_samples.txt"
+    assert [row.split("\t")[:2] for row in listed.read_text().splitlines()] == [[case, str(bad)]]
+    note = f"--skip_bad_samples: 1 bad sample(s) left out (1 problem(s)); listed in {listed}"
+    assert summary["notes"] == [note]
+    assert f"Note: {note}" in (OUTPUT / "0" / "final_result.txt").read_text()
+    assert note in (OUTPUT / "0" / "train_0.log").read_text()
 
 
 def test_dice_ce_is_the_sum_of_its_terms():

@@ -20,13 +20,20 @@ resized to `--image_size` squared and the image normalised to [-1, 1] ((x / 255 
 
 Fixed on purpose (references.md 2.5, 2.7): no random resize at evaluation, binary masks instead of
 bilinear soft targets, one output size for every sample so any batch size works.
+
+Bad samples (no mask, an unreadable or mis-sized file, a file truncated after its header) are refused,
+all named in one error; with `skip_bad=True` (`--skip_bad_samples`) they are left out of the split and
+returned (`ISICDataset.skipped`). A file that fails only when decoded is remembered beside the cache (with
+its size and time), so later runs neither decode it again nor rebuild the cache.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +41,11 @@ from PIL import Image
 
 from common import augment as A
 from common.cache import DecodedArrayCache, LazyMemmap, default_cache_dir
+from common.datacheck import SKIP_HINT, BadSample, drop_bad, format_problems, skipped_count
 from common.errors import ConfigError, DataError
+from common.filelock import file_lock
 from common.imageio import read_image, read_mask
-from common.isic.prepare import SPLITS, check_layout_pairs, layout_pairs
+from common.isic.prepare import SPLITS, check_layout_pairs, layout_samples
 from common.loader import SeededDataset
 
 CACHE_SCALE = 1.25
@@ -92,6 +101,94 @@ def decode_pair(image_path: str | Path, mask_path: str | Path, size: int) -> np.
     return np.concatenate([image, (mask.astype(np.uint8) * 255)[..., None]], axis=2)
 
 
+class SplitCache(NamedTuple):
+    """A split's decoded cache: its array file, the ids of its rows, and the samples left out."""
+
+    array_path: Path
+    ids: list[str]
+    skipped: list[BadSample]
+
+
+Pair = tuple[str, Path, Path]
+
+
+def _stats(pair: Pair) -> list[list[int]]:
+    out = []
+    for path in pair[1:]:
+        try:
+            st = Path(path).stat()
+            out.append([st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([-1, -1])
+    return out
+
+
+def _known_undecodable(record: Path, pairs: Sequence[Pair]) -> list[BadSample]:
+    """Samples of `pairs` that failed to decode before and whose files have not changed since."""
+    try:
+        rows = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return []
+    by_id = {pair[0]: pair for pair in pairs}
+    known = []
+    for row in rows if isinstance(rows, list) else []:
+        try:
+            key, path, problem, stats = row
+        except (TypeError, ValueError):
+            continue
+        if key in by_id and _stats(by_id[key]) == stats:
+            known.append(BadSample(str(key), str(path), str(problem)))
+    return known
+
+
+def _remember_undecodable(record: Path, pairs: Sequence[Pair], bad: Sequence[BadSample]) -> None:
+    by_id = {pair[0]: pair for pair in pairs}
+    rows = [[b.id, b.path, b.problem, _stats(by_id[b.id])] for b in bad]
+    tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, record)
+
+
+def _refuse(where: Path, bad: Sequence[BadSample], total: int) -> DataError:
+    return DataError(
+        where,
+        f"{skipped_count(bad)} of {total} sample(s) cannot be decoded ({len(bad)} problem(s)):\n"
+        + format_problems([(b.path, b.problem) for b in bad])
+        + f"\n{SKIP_HINT}",
+    )
+
+
+def _split_cache(cache_dir: Path, name: str, pairs: Sequence[Pair], cache_size: int) -> DecodedArrayCache:
+    return DecodedArrayCache(
+        cache_dir,
+        name,
+        [key for key, _, _ in pairs],
+        [[image, mask] for _, image, mask in pairs],
+        (cache_size, cache_size, 4),
+        params={"size": cache_size, "decoder": "draft+bilinear", "mask": "bilinear>=128", "v": CACHE_VERSION},
+    )
+
+
+def _build(
+    cache: DecodedArrayCache, pairs: Sequence[Pair], size: int, workers: int | None
+) -> list[BadSample]:
+    """Build `cache`; every pair that fails to decode is returned and the cache is then left invalid."""
+    failed: list[BadSample] = []
+
+    def row(i: int) -> np.ndarray:
+        try:
+            return _decode_named(pairs[i][1], pairs[i][2], size)
+        except DataError as exc:
+            failed.append(BadSample(pairs[i][0], str(exc.path or pairs[i][1]), exc.problem))
+            return np.zeros(cache.item_shape, np.uint8)
+
+    cache.get_or_build(row, workers)
+    if failed:
+        # Rows of zeros stand in for the failed samples: the cache must never be opened as valid.
+        cache.meta_path.unlink(missing_ok=True)
+    return sorted(failed)
+
+
 def open_split_cache(
     root: str | Path,
     split: str,
@@ -99,25 +196,43 @@ def open_split_cache(
     *,
     workers: int | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[Path, list[str]]:
-    """Check one split of a prepared layout and build its decoded cache if needed; (array path, ids)."""
+    skip_bad: bool = False,
+) -> SplitCache:
+    """Check one split of a prepared layout and build its decoded cache if needed.
+
+    Bad samples are refused in one DataError naming every file, or with `skip_bad` left out (the result's
+    `skipped`; its `ids` are the rows of the cache).
+    """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    pairs = layout_pairs(root, split)
-    check_layout_pairs(pairs)
-    ids = [key for key, _, _ in pairs]
-    cache = DecodedArrayCache(
-        default_cache_dir(root),
-        f"isic_{split}_{cache_size}",
-        ids,
-        [[image, mask] for _, image, mask in pairs],
-        (cache_size, cache_size, 4),
-        params={"size": cache_size, "decoder": "draft+bilinear", "mask": "bilinear>=128", "v": CACHE_VERSION},
-    )
-    if not cache.is_valid():
-        log(f"Decoding the {len(ids)} {split} images once into {cache.array_path} ...")
-    cache.get_or_build(lambda i: _decode_named(pairs[i][1], pairs[i][2], cache_size), workers)
-    return cache.array_path, ids
+    root = Path(root)
+    pairs, skipped = layout_samples(root, split, skip_bad=skip_bad)
+    skipped += check_layout_pairs(pairs, skip_bad=skip_bad)
+    pairs = drop_bad(pairs, skipped)
+    cache_dir, name = default_cache_dir(root), f"isic_{split}_{cache_size}"
+    record = cache_dir / f"{name}.undecodable.json"
+    # One process checks and builds at a time, so no rank opens a cache whose failed rows are zeros.
+    with file_lock(cache_dir / f".{name}.check.lock"):
+        candidates = pairs
+        known = _known_undecodable(record, candidates)
+        if known and not skip_bad:
+            raise _refuse(root / split, known, len(candidates))
+        pairs = drop_bad(candidates, known)
+        cache = _split_cache(cache_dir, name, pairs, cache_size)
+        if not cache.is_valid():
+            log(f"Decoding the {len(pairs)} {split} images once into {cache.array_path} ...")
+            failed = _build(cache, pairs, cache_size, workers)
+            if failed:
+                _remember_undecodable(record, candidates, [*known, *failed])
+                if not skip_bad:
+                    raise _refuse(root / split, failed, len(pairs))
+                known += failed
+                pairs = drop_bad(pairs, failed)
+                cache = _split_cache(cache_dir, name, pairs, cache_size)
+                again = _build(cache, pairs, cache_size, workers)
+                if again:  # a file changed while it was being decoded
+                    raise _refuse(root / split, again, len(pairs))
+    return SplitCache(cache.array_path, [key for key, _, _ in pairs], sorted([*skipped, *known]))
 
 
 def _decode_named(image_path: Path, mask_path: Path, size: int) -> np.ndarray:
@@ -176,6 +291,7 @@ class ISICDataset(SeededDataset):
         image_size: int,
         augmentation_prob: float = 0.0,
         seed: int = 0,
+        skipped: Sequence[BadSample] = (),
     ):
         if not 0.0 <= augmentation_prob <= 1.0:
             raise ConfigError(f"--augmentation_prob must lie in [0, 1], got {augmentation_prob}")
@@ -184,6 +300,7 @@ class ISICDataset(SeededDataset):
         self.image_size = check_image_size(image_size)
         self.augmentation_prob = float(augmentation_prob)
         self.seed = int(seed)
+        self.skipped = list(skipped)  # samples of the split left out under skip_bad
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -206,9 +323,11 @@ def build_split(
     seed: int = 0,
     workers: int | None = None,
     log: Callable[[str], None] = print,
+    skip_bad: bool = False,
 ) -> ISICDataset:
-    """The Dataset of one split of a prepared layout (its cache built on first use)."""
-    path, ids = open_split_cache(
-        root, split, cache_size_for(check_image_size(image_size)), workers=workers, log=log
+    """The Dataset of one split of a prepared layout (its cache built on first use); bad samples are
+    refused, or with `skip_bad` left out and listed in the dataset's `skipped`."""
+    cache = open_split_cache(
+        root, split, cache_size_for(check_image_size(image_size)), workers=workers, log=log, skip_bad=skip_bad
     )
-    return ISICDataset(path, ids, image_size, augmentation_prob, seed)
+    return ISICDataset(cache.array_path, cache.ids, image_size, augmentation_prob, seed, cache.skipped)

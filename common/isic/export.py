@@ -1,6 +1,6 @@
 """ONNX export of a trained ISIC network with the ModelZoo names, checked against eager PyTorch.
 
-    python pthtar2onx.py [--pth_path models/AttU_Net/model_best.pth.tar] [--output AttU_Net.onnx]
+    python pthtar2onnx.py [--pth_path models/AttU_Net/model_best.pth.tar] [--output AttU_Net.onnx]
 
 Opset 11, input `actual_input_1` (N, 3, S, S) in [-1, 1], output `output1` (N, 1, S, S) logits, dynamic
 batch (the ModelZoo's pthtar2onx.py exports 4x3x224x224 and strips DDP's `module.` prefix, which
@@ -15,12 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, load_weights
 from common.cli import positive_int, status_of
 from common.errors import ConfigError
 from common.export import export_onnx, verify_onnx
 from common.isic.dataset import check_image_size
-from common.isic.solver import MODEL_TYPES, build_network, fit_weights
+from common.isic.solver import MODEL_TYPES, build_network
 
 
 def build_parser(
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> Path:
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give the ONNX file's name")
     model = build_network(args.model_type, t=args.t)
-    fit_weights(model, state, weights)
+    load_weights(model, state, name=str(weights))
     del state
     model.eval()
     example = torch.randn(

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, load_weights
 from common.cli import positive_int, status_of
 from common.datacheck import format_problems
 from common.device import DEVICE_CHOICES, select_device
@@ -26,7 +26,7 @@ from common.errors import ConfigError, DataError
 from common.imageio import read_image, read_mask
 from common.isic.dataset import check_image_size, preprocess
 from common.isic.prepare import GT_SUFFIX, read_header
-from common.isic.solver import MODEL_TYPES, build_network, fit_weights
+from common.isic.solver import MODEL_TYPES, build_network
 from common.predict2d import list_images, predict_images
 
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_inputs(paths, gt_dir)
     device = select_device(args.device, args.device_id)
     model = build_network(args.model_type, t=args.t)
-    fit_weights(model, state, weights)
+    load_weights(model, state, name=str(weights))
     del state
 
     def load(path: Path):

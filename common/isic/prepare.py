@@ -15,6 +15,10 @@ handed back (`--split_file`) to reproduce a split exactly from another copy of t
 `resolve_data_path` is what training calls: a prepared layout is used as it is; the dataset as
 distributed is prepared once (symlinks, or members extracted from the zips) into a cache folder beside
 it, under a file lock so that N ranks do not race, and reused by later runs.
+
+Bad samples (an image without its mask, an unreadable or mis-sized file) are refused, every one named in
+one error. With `skip_bad=True` (`--skip_bad_samples`) they are left out before the split, listed in
+`<out>/skipped_samples.txt` and in split.json's `skipped`; `prepared_skips` reads that list back.
 """
 
 from __future__ import annotations
@@ -36,7 +40,18 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.cache import default_cache_dir
-from common.datacheck import check_pairs, pair_by_stem
+from common.datacheck import (
+    SKIP_HINT,
+    SKIPPED_LIST,
+    BadSample,
+    check_pairs,
+    drop_bad,
+    format_problems,
+    pair_samples,
+    skipped_count,
+    skipped_note,
+    write_skipped_list,
+)
 from common.errors import ConfigError, DataError
 from common.filelock import file_lock
 
@@ -50,6 +65,7 @@ DEFAULT_SPLIT_SEED = 2018
 FILE_OPS = ("copy", "hardlink", "symlink")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLIT_FORMAT = 1
+SKIPPED_FILE = SKIPPED_LIST
 
 EXPECTED_TREE = f"""\
   either ISIC 2018 Task 1 as distributed (two folders, or the two zips unopened):
@@ -150,21 +166,29 @@ NAMING_HINT = (
 )
 
 
-def _pair(images: list[Path], masks: list[Path]) -> list[tuple[str, Path, Path]]:
-    """pair_by_stem with the ISIC naming rule added to its message."""
+def _pair(
+    images: list[Path], masks: list[Path], skip_bad: bool = False
+) -> tuple[list[tuple[str, Path, Path]], list[BadSample]]:
+    """pair_samples with the ISIC naming rule added to its message."""
     try:
-        return pair_by_stem(images, masks, mask_id=mask_id)
+        return pair_samples(images, masks, mask_id=mask_id, skip_bad=skip_bad)
     except DataError as exc:
         raise DataError(exc.path, f"{exc.problem}\n{NAMING_HINT}") from None
 
 
-def source_pairs(source: Source) -> list[tuple[str, Path, Path]]:
-    """Every (id, image, mask) of the source; one DataError lists images without masks and vice versa."""
+def source_samples(source: Source, *, skip_bad: bool) -> tuple[list[tuple[str, Path, Path]], list[BadSample]]:
+    """(every (id, image, mask) of the source, samples left out): images without masks and masks without
+    images are refused in one DataError, or left out with `skip_bad`."""
     images = _list_side(source.images, _is_image_name)
     masks = _list_side(source.masks, _is_mask_name)
     if not images:
         raise DataError(source.images, f"holds no ISIC images (*.jpg).\nExpected layout:\n{EXPECTED_TREE}")
-    return _pair(images, masks)
+    return _pair(images, masks, skip_bad)
+
+
+def source_pairs(source: Source) -> list[tuple[str, Path, Path]]:
+    """Every (id, image, mask) of the source; one DataError lists images without masks and vice versa."""
+    return source_samples(source, skip_bad=False)[0]
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -283,8 +307,9 @@ def read_header(
     return _Header((height, width, channels) if what == "image" else (height, width))
 
 
-def check_layout_pairs(pairs: Sequence[tuple[str, Path, Path]]) -> None:
-    """Every image and mask opens and each mask has its image's size; one DataError lists all problems.
+def check_layout_pairs(pairs: Sequence[tuple[str, Path, Path]], *, skip_bad: bool = False) -> list[BadSample]:
+    """Every image and mask opens and each mask has its image's size; one DataError lists all problems,
+    or with `skip_bad` the bad samples are returned.
 
     Only headers are read (thousands per second); a file truncated after its header is reported by name
     when the decoded cache is built, still before the first training step. Members of a zip are read
@@ -293,11 +318,13 @@ def check_layout_pairs(pairs: Sequence[tuple[str, Path, Path]]) -> None:
     zipped = any(_zip_member(p) is not None for pair in pairs[:1] for p in pair[1:])
     archives: dict[Path, zipfile.ZipFile] = {}
     try:
-        check_pairs(
+        return check_pairs(
             pairs,
             lambda p: read_header(p, "image", archives),
             lambda p: read_header(p, "mask", archives),
             workers=1 if zipped else None,
+            skip_bad=skip_bad,
+            hint=SKIP_HINT,
         )
     finally:
         for archive in archives.values():
@@ -306,6 +333,13 @@ def check_layout_pairs(pairs: Sequence[tuple[str, Path, Path]]) -> None:
 
 def layout_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
     """(id, image, mask) of one split of a prepared layout, paired by id."""
+    return layout_samples(root, split, skip_bad=False)[0]
+
+
+def layout_samples(
+    root: str | Path, split: str, *, skip_bad: bool
+) -> tuple[list[tuple[str, Path, Path]], list[BadSample]]:
+    """(id, image, mask) of one split of a prepared layout, paired by id, and the samples left out."""
     root = Path(root)
     images = _list_side(root / split, _is_image_name)
     masks = _list_side(root / f"{split}_GT", _is_mask_name)
@@ -313,7 +347,30 @@ def layout_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
         raise DataError(
             root / split, f"the {split} split holds no images.\nExpected layout:\n{EXPECTED_TREE}"
         )
-    return _pair(images, masks)
+    return _pair(images, masks, skip_bad)
+
+
+def prepared_skips(root: str | Path) -> list[BadSample]:
+    """The samples left out when the layout at `root` was prepared (split.json's `skipped`); [] if none."""
+    try:
+        record = read_split_file(Path(root) / SPLIT_FILE)
+    except DataError:
+        return []
+    rows = record.get("skipped")
+    if not isinstance(rows, list):
+        return []
+    return [BadSample(str(r[0]), str(r[1]), str(r[2])) for r in rows if isinstance(r, list) and len(r) == 3]
+
+
+def refuse_skipped(where: str | Path, skipped: Sequence[BadSample]) -> DataError:
+    """The error for a prepared layout that left samples out, read without `skip_bad`."""
+    return DataError(
+        where,
+        f"was prepared with --skip_bad_samples: {skipped_count(skipped)} bad sample(s) were left out "
+        f"({len(skipped)} problem(s)):\n"
+        + format_problems([(b.path, b.problem) for b in skipped])
+        + f"\n{SKIP_HINT}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -356,11 +413,13 @@ def prepare(
     file_op: str = "copy",
     split_file: str | Path | None = None,
     log: Callable[[str], None] = print,
+    skip_bad: bool = False,
 ) -> dict:
     """Write the split layout of `source` into `out`; returns the split record (what split.json holds).
 
     Every source image and mask is opened first (headers: size, readable) and one DataError names every
-    unpaired, duplicate, unreadable or mis-sized file before anything is written. The six split folders
+    unpaired, duplicate, unreadable or mis-sized file before anything is written; with `skip_bad` those
+    samples are left out before the split instead (the record's `skipped`, and `<out>/skipped_samples.txt`). The six split folders
     are then built in a temporary folder inside `out` and moved into place
     (replacing earlier ones, as the reference does); split.json is written last, so an interrupted
     run leaves no split.json and the next one starts over. `file_op` says how files of a source folder
@@ -369,13 +428,15 @@ def prepare(
     if file_op not in FILE_OPS:
         raise ConfigError(f"--file_op must be one of {', '.join(FILE_OPS)}, got {file_op!r}")
     out = Path(out)
-    pairs = source_pairs(source)
+    pairs, skipped = source_samples(source, skip_bad=skip_bad)
     # Every source file is checked before anything is written, and problems name the source files.
-    check_layout_pairs(pairs)
+    skipped += check_layout_pairs(pairs, skip_bad=skip_bad)
+    pairs = drop_bad(pairs, skipped)
+    left_out = {b.id for b in skipped}
     by_id = {key: (image, mask) for key, image, mask in pairs}
     if split_file:
         record = read_split_file(split_file)
-        splits = {s: list(record["splits"][s]) for s in SPLITS}
+        splits = {s: [i for i in record["splits"][s] if i not in left_out] for s in SPLITS}
         missing = sorted(i for s in SPLITS for i in splits[s] if i not in by_id)
         if missing:
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
@@ -393,6 +454,7 @@ def prepare(
                 "use more images or larger ratios"
             )
     out.mkdir(parents=True, exist_ok=True)
+    (out / SKIPPED_FILE).unlink(missing_ok=True)
     tmp = out / f".prepare-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     archives = {side: zipfile.ZipFile(side) for side in (source.images, source.masks) if _is_zip(side)}
     try:
@@ -418,7 +480,10 @@ def prepare(
         "ratios": list(ratios),
         "counts": {s: len(splits[s]) for s in SPLITS},
         "splits": splits,
+        "skipped": [list(b) for b in sorted(skipped)],
     }
+    if skipped:
+        log(skipped_note(skipped, write_skipped_list(out, skipped)))
     tmp_file = out / f".{SPLIT_FILE}.tmp-{os.getpid()}"
     tmp_file.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp_file, out / SPLIT_FILE)
@@ -460,9 +525,17 @@ def _matches(out: Path, ids: set[str], seed: int, ratios: Sequence[float]) -> bo
         record = read_split_file(out / SPLIT_FILE)
     except DataError:
         return False
-    stored = {i for s in SPLITS for i in record["splits"][s]}
+    stored = {i for s in SPLITS for i in record["splits"][s]} | {b.id for b in prepared_skips(out)}
     same_ratios = [float(r) for r in record.get("ratios", [])] == [float(r) for r in ratios]
     return record.get("seed") == seed and same_ratios and stored == ids and is_prepared(out)
+
+
+def _any_fixed(skipped: Sequence[BadSample], pairs: Sequence[tuple[str, Path, Path]]) -> bool:
+    """True when a sample a preparation left out now has its mask and opens: prepare again."""
+    by_id = {pair[0]: pair for pair in pairs}
+    again = [by_id[key] for key in sorted({b.id for b in skipped}) if key in by_id]
+    still_bad = {b.id for b in check_layout_pairs(again, skip_bad=True)} if again else set()
+    return any(pair[0] not in still_bad for pair in again)
 
 
 def prepared_dir_for(source: Source, seed: int, ratios: Sequence[float]) -> Path:
@@ -477,11 +550,14 @@ def resolve_data_path(
     seed: int = DEFAULT_SPLIT_SEED,
     ratios: Sequence[float] = DEFAULT_RATIOS,
     log: Callable[[str], None] = print,
+    skip_bad: bool = False,
 ) -> Path:
     """The prepared layout for `--data_path`: itself when prepared, else a prepared copy made once.
 
     Accepts the folder holding the two official folders or zips, the image folder itself, or a layout
-    written by dataset.py. Safe to call from every rank at once.
+    written by dataset.py. Safe to call from every rank at once. Bad samples of the source are refused, or
+    left out with `skip_bad` (`prepared_skips(result)` lists them); a prepared copy that left samples out
+    is refused without `skip_bad`.
     """
     path = Path(data_path).expanduser()
     if is_prepared(path):
@@ -491,12 +567,17 @@ def resolve_data_path(
         raise layout_error(path, "--data_path")
     out = prepared_dir_for(source, seed, ratios)
     with file_lock(out.parent / f".{out.name}.lock"):
-        ids = {key for key, _, _ in source_pairs(source)}
-        if _matches(out, ids, seed, ratios):
+        pairs, unpaired = source_samples(source, skip_bad=skip_bad)
+        ids = {key for key, _, _ in pairs} | {b.id for b in unpaired}
+        if _matches(out, ids, seed, ratios) and not _any_fixed(skipped := prepared_skips(out), pairs):
+            if skipped and not skip_bad:
+                raise refuse_skipped(out, skipped)
             log(f"Using the prepared split in {out} (seed {seed}, ratios {list(ratios)})")
+            if skipped:
+                log(skipped_note(skipped, out / SKIPPED_FILE))
             return out
         log(f"Preparing {source.describe()} -> {out} (seed {seed}, ratios {list(ratios)})")
-        prepare(source, out, ratios=ratios, seed=seed, file_op="symlink", log=log)
+        prepare(source, out, ratios=ratios, seed=seed, file_op="symlink", log=log, skip_bad=skip_bad)
     return out
 
 
@@ -520,6 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--file_op", default="copy", choices=FILE_OPS, help="how files get into the layout (zips: extracted)"
     )
+    parser.add_argument(
+        "--skip_bad_samples", action="store_true",
+        help=f"leave out images without a mask and unreadable or mis-sized files (listed in <output_path>/"
+        f"{SKIPPED_FILE}; default: refuse, naming every such file)",
+    )  # fmt: skip
     return parser
 
 
@@ -548,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--output_path {out} is a file; it must be a folder (new or earlier dataset.py output)"
         )
     print(f"Source: {source.describe()}\nOutput: {out.resolve()}")
-    prepare(source, out, ratios=ratios, seed=args.seed, file_op=args.file_op, split_file=args.split_file)
+    prepare(source, out, ratios=ratios, seed=args.seed, file_op=args.file_op, split_file=args.split_file,
+            skip_bad=args.skip_bad_samples)  # fmt: skip
     print(f"Split list: {out / SPLIT_FILE}")
     return 0
 

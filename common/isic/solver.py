@@ -27,35 +27,36 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from common.checkpoint import load_checkpoint, load_weights, remove_interrupted_writes, unwrap_model
+from common.checkpoint import load_weights, remove_interrupted_writes, unwrap_model
 from common.cli import (
     Runtime,
     add_common_args,
-    apply_conv_flag,
+    add_schedule_args,
     describe_config,
     non_negative_int,
     positive_float,
     positive_int,
     print_config,
     setup_runtime,
+    status_of,
 )
-from common.engine import StepInfo, TrainingRun, current_lr, evaluate, train_one_epoch
-from common.errors import CheckpointError, ConfigError, ModelZooError
+from common.datacheck import SKIPPED_LIST, BadSample, skipped_count, skipped_note, write_skipped_list
+from common.engine import StepInfo, TrainingRun, evaluate
+from common.errors import ConfigError
 from common.isic.dataset import ISICDataset, build_split, check_image_size
 from common.isic.losscurve import CURVE_KEYS, split_hash, write_curve
-from common.isic.prepare import DEFAULT_SPLIT_SEED, resolve_data_path
+from common.isic.prepare import DEFAULT_SPLIT_SEED, prepared_skips, resolve_data_path
 from common.loader import build_loader, per_rank_batch
 from common.losses import build_loss
 from common.metrics import SegmentationMetrics
 from common.registry import get_model_builder
 from common.summary import RunSummary, SummaryTarget, write_summary
+from common.trainer import Hooks, LoopConfig, StartPoint, fit, prepare, read_checkpoint_file
 
 MODEL_TYPES = ("U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net")
 R2_MODELS = ("R2U_Net", "R2AttU_Net")
@@ -88,10 +89,6 @@ def _beta(text: str) -> float:
     return value
 
 
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
 def build_parser(
     defaults: Mapping[str, Any] | None = None, prog: str | None = None
 ) -> argparse.ArgumentParser:
@@ -121,11 +118,6 @@ def build_parser(
     group.add_argument("--beta1", type=_beta, default=0.5, help="Adam beta1")
     group.add_argument("--beta2", type=_beta, default=0.999, help="Adam beta2")
     group.add_argument("--augmentation_prob", type=_probability, default=0.4)
-    group.add_argument("--max_iters", "--max_steps", dest="max_iters", type=non_negative_int, default=0,
-                       help="stop after this many training steps in all (0: no cap)")  # fmt: skip
-    group.add_argument(
-        "--val_step", type=positive_int, default=1, help="validate every N epochs (and the last)"
-    )
     group.add_argument("--dry_run", action="store_true",
                        help="prepare and check the data and flags, write the loss-curve header, train nothing")  # fmt: skip
     group.add_argument("--log_step", dest="log_interval", type=positive_int, default=argparse.SUPPRESS,
@@ -147,7 +139,8 @@ def build_parser(
     group.add_argument("--pretrained", action="store_true", help="accepted for compatibility; see --pth_path")
     group.add_argument("--resume", default="", help="a checkpoint.pth.tar of this code to continue from")
 
-    add_common_args(parser, seed=12345, workers=default_workers())
+    add_common_args(parser, seed=12345)
+    add_schedule_args(parser)
     if defaults:
         parser.set_defaults(**dict(defaults))
     return parser
@@ -231,7 +224,7 @@ def _summary_scores(metrics: Mapping[str, float]) -> dict[str, float]:
     out = {name: metrics.get(f"{name}_mean") for name in SUMMARY_SCORES}
     out.update(
         hd95=metrics.get("hd95_mean"),
-        hd95_inf_count=metrics.get("hd95_inf_count"),
+        hd95_excluded=metrics.get("hd95_excluded"),  # images without a defined HD95, not in its mean
         dice_pooled=metrics.get("dice_pooled"),
         jaccard_pooled=metrics.get("jaccard_pooled"),
         loss=metrics.get("loss"),
@@ -264,7 +257,9 @@ class Session:
     def __init__(self, args: argparse.Namespace, runtime: Runtime):
         self.args, self.runtime = args, runtime
         self.log: Callable[[str], None] = runtime.print
-        self.root = resolve_data_path(args.data_path, seed=args.split_seed, log=self.log)
+        self.root = resolve_data_path(
+            args.data_path, seed=args.split_seed, log=self.log, skip_bad=args.skip_bad_samples
+        )
         self.per_rank = per_rank_batch(args.batch_size, runtime.dist.world_size)
         self.save_dir = Path(args.model_path) / args.model_type
         self.result_dir = Path(args.result_path) / args.model_type
@@ -284,9 +279,27 @@ class Session:
         if split not in self.datasets:
             self.datasets[split] = build_split(
                 self.root, split, self.args.image_size, augmentation_prob=augmentation_prob,
-                seed=self.args.seed, log=self.log,
+                seed=self.args.seed, log=self.log, skip_bad=self.args.skip_bad_samples,
             )  # fmt: skip
         return self.datasets[split]
+
+    def skipped(self) -> list[BadSample]:
+        """The samples left out: by the preparation of the split, and from the splits built so far."""
+        found = [*prepared_skips(self.root), *(b for ds in self.datasets.values() for b in ds.skipped)]
+        return sorted(set(found))
+
+    def report_skipped(self, folder: Path) -> tuple[list[str], int]:
+        """(summary notes, count) of the samples left out; rank 0 lists them in `<folder>/skipped_samples.txt`
+        and prints the note. Call after the splits the run uses are built."""
+        skipped = self.skipped()
+        notes = [skipped_note(skipped, folder / SKIPPED_LIST)] if skipped else []
+        if self.runtime.is_main:
+            if skipped:
+                write_skipped_list(folder, skipped)
+                self.log(notes[0])
+            else:  # a list left by an earlier run on other data would contradict this run's summary
+                (folder / SKIPPED_LIST).unlink(missing_ok=True)
+        return notes, skipped_count(skipped)
 
     def eval_loader(self, split: str):
         return build_loader(self.dataset(split), self.per_rank, self.runtime.dist, train=False,
@@ -294,7 +307,7 @@ class Session:
 
     def network(self) -> torch.nn.Module:
         a = self.args
-        return build_network(a.model_type, a.img_ch, a.output_ch, a.t).to(self.runtime.device.device)
+        return build_network(a.model_type, a.img_ch, a.output_ch, a.t)
 
     def score(self, model: torch.nn.Module, split: str, hd95: bool = False) -> dict[str, float]:
         metrics = SegmentationMetrics(compute_hd95=hd95)
@@ -305,6 +318,7 @@ class Session:
         splits = {s: self.dataset(s).ids for s in ("train", "valid", "test")}
         values = {k: getattr(a, k, None) for k in CURVE_KEYS}
         values.update(
+            max_iters=a.max_steps,  # the curve files' name for the step cap (--max_iters is its alias)
             t=a.t if a.model_type in R2_MODELS else None,
             world_size=self.runtime.dist.world_size,
             split=split_hash(splits),
@@ -312,75 +326,43 @@ class Session:
         return values
 
 
-def fit_weights(model: torch.nn.Module, state: Any, path: str | Path) -> None:
-    """load_weights for a checkpoint already read from `path`; a mismatch names the file and the keys."""
-    try:
-        load_weights(model, state)
-    except CheckpointError as exc:
-        message = str(exc)
-        if message.startswith("checkpoint "):
-            message = f"{path} {message[len('checkpoint ') :]}"
-        raise CheckpointError(message) from None
+class ISICHooks(Hooks):
+    """The reference's step, epoch, validation, learning-rate and best-model lines."""
+
+    def __init__(self, session: Session, model: torch.nn.Module, val_loader, run: TrainingRun):
+        self.session, self.model, self.val_loader, self.run = session, model, val_loader, run
+        self.args, self.log = session.args, session.log
+        self.metrics = SegmentationMetrics(device=session.runtime.device.device)
+
+    def on_step(self, info: StepInfo) -> None:
+        self.log(step_line(info, self.args.num_epochs))
+
+    def after_train(self, epoch: int, stats) -> None:
+        fps = stats.fps(self.session.runtime.dist.world_size)
+        self.log(epoch_lines(epoch, self.args.num_epochs, stats.loss_mean, stats.train_metrics, fps))
+
+    def validate(self, epoch: int) -> dict:
+        session = self.session
+        val = evaluate(self.model, self.val_loader, self.metrics, session.runtime, loss_fn=session.loss_fn)
+        val = _with_score(val)
+        self.log(f"[Validation] {scores_text(val)}")
+        return val
+
+    def on_epoch(self, r) -> None:
+        if r.lr_after != r.lr_before:
+            self.log(f"Decay learning rate to lr: {r.lr_after}.")
+        if r.improved:
+            self.log(f"Best {self.args.model_type} model score : {r.val['score']:.4f}")
 
 
-def _is_training_state(state: Any) -> bool:
-    return isinstance(state, dict) and "optimizer" in state and "epoch" in state
-
-
-def _read_checkpoint(path: str | Path, flag: str) -> Any:
-    """The checkpoint a flag names, read (weights only: nothing in it runs) before any data is prepared.
-
-    A missing, truncated, corrupted or code-carrying file is reported at once instead of after the data
-    preparation and the decoding of every image.
-    """
-    if not Path(path).is_file():
-        raise ConfigError(f"{flag} {path}: no such checkpoint file")
-    try:
-        # Memory-mapped: the shapes are checked without reading ~400 MB that run.resume reads anyway.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mapped; load_checkpoint explains
-        return load_checkpoint(path)
-
-
-def _start_states(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(state of --resume, state of --pth_path), each None when its flag is not given."""
-    resume = _read_checkpoint(args.resume, "--resume") if args.resume else None
-    if resume is not None and not _is_training_state(resume):
-        raise CheckpointError(
-            f"{args.resume} holds weights only, not a training state; use it with --pth_path (initial "
-            "weights) or pass a checkpoint.pth.tar written by this code to --resume"
-        )
-    pth = _read_checkpoint(args.pth_path, "--pth_path") if args.pth_path and not args.resume else None
-    return resume, pth
-
-
-def _load_start_weights(session: Session, model: torch.nn.Module, resume: Any, pth: Any) -> bool:
-    """Check the start checkpoint against the model now (before any file is written).
-
-    --pth_path holding plain weights initialises the model; returns True when it is a training state,
-    which then resumes like --resume.
-    """
-    if resume is not None:
-        # Mismatched keys are named now, before config.json or any checkpoint is written.
-        fit_weights(model, resume, session.args.resume)
-        return False
-    if pth is None:
-        return False
-    fit_weights(model, pth, session.args.pth_path)
-    if _is_training_state(pth):
-        return True
-    session.log(f"Initial weights from {session.args.pth_path}")
-    return False
-
-
-def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
-    resume_state, pth_state = _start_states(args)
+def run_train(args: argparse.Namespace, runtime: Runtime, start: StartPoint) -> None:
     session = Session(args, runtime)
     session.check_batch_norm()
     log = session.log
     train_set = session.dataset("train", args.augmentation_prob)
     session.dataset("valid")
     session.dataset("test")
+    notes, skipped = session.report_skipped(session.save_dir)
     if args.dry_run:
         _dry_run(session)
         return
@@ -388,17 +370,11 @@ def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
                                 seed=args.seed)  # fmt: skip
     val_loader = session.eval_loader("valid")
     model = session.network()
-    resume_from_pth = _load_start_weights(session, model, resume_state, pth_state)
-    del resume_state, pth_state  # run.resume reads the file again; do not hold two copies
-    model = apply_conv_flag(runtime, model)
-    optimizer = build_optimizer(model, args, runtime)
+    start.load_weights(model)  # a checkpoint of another network stops the run before anything is written
+    model, optimizer = prepare(model, lambda m: build_optimizer(m, args, runtime), runtime)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(epoch, args.num_epochs, args.num_epochs_decay)
     )
-    model, optimizer = runtime.amp.prepare(model, optimizer)
-    model = runtime.dist.wrap(model, runtime.device)
-    if args.compile:
-        model = torch.compile(model)
     if runtime.is_main:
         for leftover in remove_interrupted_writes(
             session.save_dir, ("checkpoint.pth.tar", "model_best.pth.tar")
@@ -409,37 +385,16 @@ def run_train(args: argparse.Namespace, runtime: Runtime) -> None:
     print_config(runtime, config, session.save_dir / "config.json")
     log(f"Data: {session.root} | train {len(train_set)}, valid {len(session.dataset('valid'))}, "
         f"test {len(session.dataset('test'))} images | {len(train_loader)} steps per epoch")  # fmt: skip
+    target = SummaryTarget.from_env(
+        session.save_dir, args.model_type, args.batch_size, runtime.dist.world_size
+    )
     run = TrainingRun(runtime, session.save_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                      config=config, selection_key="score", network=args.model_type, batch_size=args.batch_size,
-                      plot_metric="dice_mean")  # fmt: skip
-    start = run.resume(args.resume or (args.pth_path if resume_from_pth else None))
-    metrics = SegmentationMetrics()
-    for epoch in range(start, args.num_epochs):
-        remaining = args.max_iters - run.global_step if args.max_iters else None
-        if remaining is not None and remaining <= 0:
-            break
-        run.begin_epoch(epoch, train_loader)
-        stats = train_one_epoch(
-            model, train_loader, session.loss_fn, optimizer, runtime, epoch=epoch, throughput=run.throughput,
-            on_log=lambda info: log(step_line(info, args.num_epochs)), train_metrics=SegmentationMetrics(),
-            max_steps=remaining, global_step=run.global_step,
-        )  # fmt: skip
-        log(epoch_lines(epoch, args.num_epochs, stats.loss_mean, stats.train_metrics,
-                        stats.fps(runtime.dist.world_size)))  # fmt: skip
-        last = epoch + 1 == args.num_epochs or (
-            args.max_iters and run.global_step + stats.steps >= args.max_iters
-        )
-        val = None
-        if (epoch + 1) % args.val_step == 0 or last:
-            val = _with_score(evaluate(model, val_loader, metrics, runtime, loss_fn=session.loss_fn))
-            log(f"[Validation] {scores_text(val)}")
-        before = current_lr(optimizer)
-        scheduler.step()
-        if current_lr(optimizer) != before:
-            log(f"Decay learning rate to lr: {current_lr(optimizer)}.")
-        if run.end_epoch(epoch, stats, val):
-            log(f"Best {args.model_type} model score : {val['score']:.4f}")
-    _finish_training(session, run, model)
+                      config=config, selection_key="score", target=target, plot_metric="dice_mean")  # fmt: skip
+    run.start(start)
+    loop = LoopConfig.from_args(args, epochs=args.num_epochs)
+    fit(run, loop, train_loader=train_loader, loss_fn=session.loss_fn, hooks=ISICHooks(session, model, val_loader, run),
+        train_metrics=SegmentationMetrics(device=runtime.device.device))  # fmt: skip
+    _finish_training(session, run, model, notes, skipped)
 
 
 def _dry_run(session: Session) -> None:
@@ -453,7 +408,9 @@ def _dry_run(session: Session) -> None:
         session.log(f"Dry run: data and flags checked, nothing trained. Loss-curve header: {path}")
 
 
-def _finish_training(session: Session, run: TrainingRun, model: torch.nn.Module) -> None:
+def _finish_training(
+    session: Session, run: TrainingRun, model: torch.nn.Module, notes: list[str], skipped: int
+) -> None:
     """Score the best checkpoint on validation and test, write the curve, result row and summary."""
     args, runtime, log = session.args, session.runtime, session.log
     runtime.dist.barrier()  # rank 0 wrote the best checkpoint; every rank reads it
@@ -463,8 +420,12 @@ def _finish_training(session: Session, run: TrainingRun, model: torch.nn.Module)
     val = session.score(model, "valid", hd95=True)
     test = session.score(model, "test", hd95=True)
     log(f"Best checkpoint {weights} (epoch {run.best_epoch}):")
-    log(f"[Validation] {scores_text(val)}, HD95: {val['hd95_mean']:.4f}")
-    log(f"[Test] {scores_text(test)}, HD95: {test['hd95_mean']:.4f}")
+    log(
+        f"[Validation] {scores_text(val)}, HD95: {val['hd95_mean']:.4f} ({int(val['hd95_excluded'])} image(s) left out)"
+    )
+    log(
+        f"[Test] {scores_text(test)}, HD95: {test['hd95_mean']:.4f} ({int(test['hd95_excluded'])} image(s) left out)"
+    )
     curve_path = session.result_dir / "loss_curve.csv"
     if runtime.is_main:
         write_curve(curve_path, session.curve_config(), run.step_losses)
@@ -480,6 +441,8 @@ def _finish_training(session: Session, run: TrainingRun, model: torch.nn.Module)
             "loss_curve": str(curve_path),
             "prepared_data": str(session.root),
         },
+        notes=notes,
+        skipped_samples=skipped,
     )
 
 
@@ -494,17 +457,21 @@ def run_test(args: argparse.Namespace, runtime: Runtime) -> None:
             f"no weights at {weights}: train first (--mode train with the same --model_type and --model_path) "
             "or pass --pth_path=<checkpoint or the reference's .pkl>"
         )
-    state = load_checkpoint(weights)  # corrupted or unsafe files fail before the data is prepared
+    state = read_checkpoint_file(weights, "--pth_path")  # corrupted or unsafe: refused before the data work
     session = Session(args, runtime)
     test_images = len(session.dataset("test"))  # the data is checked and decoded before the model is built
+    notes, skipped = session.report_skipped(session.result_dir)
     model = session.network()
-    fit_weights(model, state, weights)
+    load_weights(model, state, name=str(weights))
+    model.to(runtime.device.device)
     best_epoch = state.get("best_epoch") if isinstance(state, dict) else None
     stored = state.get("config") if isinstance(state, dict) else None
     del state  # a training state holds the optimizer too
     session.log(f"Testing {args.model_type} weights {weights} on {test_images} test images")
     test = session.score(model, "test", hd95=True)
-    session.log(f"[Test] {scores_text(test)}, HD95: {test['hd95_mean']:.4f}")
+    session.log(
+        f"[Test] {scores_text(test)}, HD95: {test['hd95_mean']:.4f} ({int(test['hd95_excluded'])} image(s) left out)"
+    )
     if not runtime.is_main:
         return
     # The training settings of the row come from the checkpoint when it records them.
@@ -528,25 +495,39 @@ def run_test(args: argparse.Namespace, runtime: Runtime) -> None:
                 "prepared_data": str(session.root),
                 "config": describe_config(runtime),
             },
+            notes=notes,
+            skipped_samples=skipped,
         ),
     )
 
 
 def main(argv: Sequence[str] | None = None, defaults: Mapping[str, Any] | None = None,
          prog: str | None = None) -> int:  # fmt: skip
-    """Parse, set up the runtime and run the chosen mode; user errors print one line and exit 1."""
+    """Parse, set up the runtime and run the chosen mode; a user error prints one `[Error]` line and
+    returns 2 (the status `common.cli.run_main` gives every entry point)."""
     parser = build_parser(defaults, prog)
     args = parser.parse_args(argv)
     try:
         check_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    runtime = setup_runtime(args)
+    runtime = None
+
+    def run() -> None:
+        nonlocal runtime
+        start = None
+        if args.mode == "train":
+            # Checkpoints are read and checked before the data is prepared and the images decoded.
+            start = StartPoint.read(resume=args.resume, init=args.pth_path, init_flag="--pth_path",
+                                    init_may_resume=True)  # fmt: skip
+        runtime = setup_runtime(args)
+        if args.mode == "train":
+            run_train(args, runtime, start)
+        else:
+            run_test(args, runtime)
+
     try:
-        (run_train if args.mode == "train" else run_test)(args, runtime)
-    except ModelZooError as exc:
-        print(f"[Error] {exc}", file=sys.stderr, flush=True)
-        return 1
+        return status_of(run)
     finally:
-        runtime.dist.shutdown()
-    return 0
+        if runtime is not None:
+            runtime.dist.shutdown()

@@ -8,7 +8,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.datacheck import MAX_LISTED, check_pairs, file_id, format_problems, pair_by_stem, require_dir
+from common.datacheck import (
+    MAX_LISTED,
+    SKIP_HINT,
+    BadSample,
+    check_pairs,
+    drop_bad,
+    file_id,
+    format_problems,
+    pair_by_stem,
+    pair_samples,
+    require_dir,
+    skipped_count,
+    skipped_note,
+    write_skipped_list,
+)
 from common.errors import DataError
 from common.imageio import Volume, read_image, read_mask, read_volume, write_volume
 
@@ -166,3 +180,62 @@ def test_check_pairs_compares_volume_geometry(tmp_path):
     check_pairs([("ok", tmp_path / "ct.nii.gz", tmp_path / "seg_ok.nii.gz")], read_volume, read_volume)
     with pytest.raises(DataError, match="seg_bad.nii.gz: geometry differs from image ct.nii.gz: spacing"):
         check_pairs([("bad", tmp_path / "ct.nii.gz", tmp_path / "seg_bad.nii.gz")], read_volume, read_volume)
+
+
+# ----------------------------------------------------------------------------------------------- skip_bad
+
+
+def test_pair_samples_refuses_every_bad_sample_with_the_hint_or_leaves_them_out():
+    images = [Path(f"img/{n}.png") for n in ("a", "b", "c", "d")] + [Path("img/c.PNG")]
+    masks = [Path(f"gt/{n}.png") for n in ("a", "c", "d", "e")]
+    with pytest.raises(DataError) as info:
+        pair_samples(images, masks, skip_bad=False)
+    message = str(info.value)
+    assert "3 problem(s) pairing 5 images with 4 masks" in message and message.endswith(SKIP_HINT)
+    assert "img/b.png: image has no mask" in message and "gt/e.png: mask has no image" in message
+    assert "duplicate image id 'c'" in message
+    pairs, bad = pair_samples(images, masks, skip_bad=True)
+    assert [p[0] for p in pairs] == ["a", "d"]
+    assert sorted((b.id, b.problem) for b in bad) == [
+        ("b", "image has no mask"), ("c", "duplicate image id 'c' (also c.PNG)"), ("e", "mask has no image")
+    ]  # fmt: skip
+    # pair_by_stem: the strict form, without a flag to mention.
+    with pytest.raises(DataError) as info:
+        pair_by_stem(images, masks)
+    assert SKIP_HINT not in str(info.value)
+
+
+def test_check_pairs_with_skip_bad_returns_the_bad_samples_and_refuses_them_without(tmp_path):
+    pairs = [(n, _png(tmp_path / "img" / f"{n}.png"), _png(tmp_path / "gt" / f"{n}.png")) for n in "abcd"]
+    (tmp_path / "img" / "b.png").write_bytes(b"not a png")
+    (tmp_path / "gt" / "b.png").write_bytes(b"")
+    _png(tmp_path / "gt" / "d.png", (16, 12))
+    bad = check_pairs(pairs, read_image, read_mask, skip_bad=True, workers=2)
+    assert sorted((b.id, Path(b.path).name) for b in bad) == [("b", "b.png"), ("b", "b.png"), ("d", "d.png")]
+    assert skipped_count(bad) == 2 and [p[0] for p in drop_bad(pairs, bad)] == ["a", "c"]
+    with pytest.raises(DataError) as info:
+        check_pairs(pairs, read_image, read_mask, hint=SKIP_HINT, workers=2)
+    message = str(info.value)
+    assert "3 problem(s) in 3 file(s) out of 4 pairs" in message and message.endswith(SKIP_HINT)
+    assert check_pairs(drop_bad(pairs, bad), read_image, read_mask, skip_bad=False) == []
+
+
+def test_a_refusal_lists_many_bad_files_capped_with_their_count(tmp_path):
+    pairs = [(f"s{i:02d}", tmp_path / f"s{i:02d}.png", tmp_path / f"m{i:02d}.png") for i in range(30)]
+    with pytest.raises(DataError) as info:
+        check_pairs(pairs, read_image, read_mask, hint=SKIP_HINT)
+    message = str(info.value)
+    assert "60 problem(s) in 60 file(s) out of 30 pairs" in message
+    assert f"... and {60 - MAX_LISTED} more" in message and message.count("file not found") == MAX_LISTED
+
+
+def test_skipped_list_and_note_say_how_many_and_where(tmp_path):
+    bad = [BadSample("b", "/d/b.png", "cannot decode:\ntruncated"), BadSample("a", "/d/a.png", "no mask"),
+           BadSample("b", "/d/b_mask.png", "file not found")]  # fmt: skip
+    path = write_skipped_list(tmp_path / "run", bad)
+    assert path == tmp_path / "run" / "skipped_samples.txt"
+    assert path.read_text().splitlines() == [
+        "a\t/d/a.png\tno mask", "b\t/d/b.png\tcannot decode: truncated", "b\t/d/b_mask.png\tfile not found"
+    ]  # fmt: skip
+    note = skipped_note(bad, path)
+    assert note == f"--skip_bad_samples: 2 bad sample(s) left out (3 problem(s)); listed in {path}"

@@ -150,6 +150,92 @@ def test_resolve_prepares_once_then_reuses_and_accepts_every_form(demo, tmp_path
         P.resolve_data_path(tmp_path, log=messages.append)
 
 
+def _broken_copy(dest: Path) -> tuple[Path, Path]:
+    """Twelve pairs, one image cut in its header and one mask removed; returns the two files."""
+    write_isic2018(dest, n=12, sizes=SIZES)
+    images = sorted((dest / P.IMAGE_DIR).iterdir())
+    garbled = images[1]
+    garbled.write_bytes(garbled.read_bytes()[:40])
+    lonely = images[4]
+    (dest / P.GT_DIR / f"{lonely.stem}{P.GT_SUFFIX}.png").unlink()
+    return garbled, lonely
+
+
+def test_bad_samples_are_refused_by_default_every_file_named(tmp_path):
+    garbled, lonely = _broken_copy(tmp_path / "broken")
+    with pytest.raises(DataError) as info:
+        P.prepare(P.find_source(tmp_path / "broken"), tmp_path / "out", log=lambda _: None)
+    assert f"{lonely}: image has no mask" in str(info.value) and "--skip_bad_samples" in str(info.value)
+    (tmp_path / "broken" / P.GT_DIR / f"{lonely.stem}{P.GT_SUFFIX}.png").write_bytes(b"not a png")
+    with pytest.raises(DataError) as info:
+        P.resolve_data_path(tmp_path / "broken", log=lambda _: None)
+    message = str(info.value)
+    assert "2 problem(s) in 2 file(s) out of 12 pairs" in message and f"{garbled}: cannot be read" in message
+    assert f"{lonely.stem}{P.GT_SUFFIX}.png: cannot be read as a mask" in message
+    assert "--skip_bad_samples" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_samples_are_left_out_before_the_split_and_listed_with_skip_bad(tmp_path):
+    garbled, lonely = _broken_copy(tmp_path / "broken")
+    messages: list[str] = []
+    root = P.resolve_data_path(tmp_path / "broken", log=messages.append, skip_bad=True)
+    record = json.loads((root / P.SPLIT_FILE).read_text())
+    kept = sorted(i for s in P.SPLITS for i in record["splits"][s])
+    assert len(kept) == 10 and garbled.stem not in kept and lonely.stem not in kept
+    skipped = P.prepared_skips(root)
+    assert [(b.id, b.path) for b in skipped] == [(garbled.stem, str(garbled)), (lonely.stem, str(lonely))]
+    listed = (root / "skipped_samples.txt").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in listed] == [[b.id, b.path] for b in skipped]
+    assert any("2 bad sample(s) left out" in m and str(root / "skipped_samples.txt") in m for m in messages)
+    # Reused as it is with the flag; refused without it, the left-out files named.
+    stamp = (root / P.SPLIT_FILE).stat().st_mtime_ns
+    assert P.resolve_data_path(tmp_path / "broken", log=lambda _: None, skip_bad=True) == root
+    assert (root / P.SPLIT_FILE).stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match=f"{lonely}: image has no mask"):
+        P.resolve_data_path(tmp_path / "broken", log=lambda _: None)
+    # A sample fixed since is noticed: prepared again (here refused: the garbled image is still bad) ...
+    mask = tmp_path / "broken" / P.GT_DIR / f"{lonely.stem}{P.GT_SUFFIX}.png"
+    Image.new("L", Image.open(lonely).size).save(mask)
+    with pytest.raises(DataError, match="1 problem.s. in 1 file.s. out of 12 pairs") as info:
+        P.resolve_data_path(tmp_path / "broken", log=lambda _: None)
+    assert str(garbled) in str(info.value)
+    assert P.resolve_data_path(tmp_path / "broken", log=lambda _: None, skip_bad=True) == root
+    assert [b.id for b in P.prepared_skips(root)] == [garbled.stem]
+    # ... a preparation that left a sample out is refused by name without the flag ...
+    with pytest.raises(DataError, match="was prepared with --skip_bad_samples") as info:
+        P.resolve_data_path(tmp_path / "broken", log=lambda _: None)
+    assert str(garbled) in str(info.value) and "--skip_bad_samples to leave" in str(info.value)
+    # ... and once every file is fixed, prepared again from all twelve.
+    shutil.copyfile(sorted((tmp_path / "broken" / P.IMAGE_DIR).iterdir())[0], garbled)
+    assert P.resolve_data_path(tmp_path / "broken", log=lambda _: None) == root
+    assert P.prepared_skips(root) == [] and not (root / "skipped_samples.txt").exists()
+    assert sum(json.loads((root / P.SPLIT_FILE).read_text())["counts"].values()) == 12
+
+
+def test_files_that_fail_only_when_decoded_are_all_named_or_left_out(demo, tmp_path):
+    root = tmp_path / "prepared"
+    P.prepare(P.find_source(demo), root, seed=3, log=lambda _: None)
+    train_images = sorted((root / "train").iterdir())
+    cut = [train_images[0], train_images[3]]
+    for path in cut:  # headers intact, pixels missing: only a decode finds them
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.8)])
+    with pytest.raises(DataError) as info:
+        build_split(root, "train", 32, log=lambda _: None)
+    message = str(info.value)
+    assert "2 of 7 sample(s) cannot be decoded" in message and "--skip_bad_samples" in message
+    assert all(str(path) in message for path in cut)
+    # Remembered: the next refusal decodes nothing.
+    with pytest.raises(DataError, match="2 of 7 sample"):
+        build_split(root, "train", 32, log=lambda m: pytest.fail(f"decoded again: {m}"))
+    train = build_split(root, "train", 32, log=lambda _: None, skip_bad=True)
+    assert len(train) == 5 and sorted(b.path for b in train.skipped) == sorted(str(p) for p in cut)
+    assert not {p.stem for p in cut} & set(train.ids)
+    assert train[4][0].abs().sum() > 0  # the rows are decoded images, not the stand-ins of failed ones
+    again = build_split(root, "train", 32, log=lambda m: pytest.fail(f"decoded again: {m}"), skip_bad=True)
+    assert again.ids == train.ids and again.skipped == train.skipped
+
+
 @pytest.mark.shared_data
 def test_the_real_pairs_split_70_10_20():
     root = shared_data("isic2018")
@@ -188,8 +274,7 @@ def test_dataset_items_and_that_later_epochs_never_decode(demo, monkeypatch):
     assert image.shape == (3, 32, 32) and mask.shape == (1, 32, 32)
     assert image.min() >= -1 and image.max() <= 1 and set(mask.unique().tolist()) <= {0.0, 1.0}
     # Evaluation items: the cached row resized, computed independently with PIL.
-    path, _ = open_split_cache(root, "train", 48, log=lambda _: None)
-    row = np.load(path)[0]
+    row = np.load(open_split_cache(root, "train", 48, log=lambda _: None).array_path)[0]
     expected = np.array(Image.fromarray(row[..., :3]).resize((32, 32), Image.Resampling.BILINEAR))
     assert torch.allclose(train[0][0], torch.from_numpy(expected).permute(2, 0, 1).float() / 127.5 - 1)
     expected_mask = np.asarray(Image.fromarray(row[..., 3]).resize((32, 32), Image.Resampling.NEAREST)) >= 128
@@ -378,10 +463,48 @@ def test_predict_and_export(trained, demo):
     assert path.stat().st_size > 1_000_000
 
 
+def test_a_damaged_image_is_refused_by_default_and_left_out_listed_and_noted_with_skip_bad_samples(
+    tmp_path, capsys
+):
+    """One image cut in its header: training and testing stop with one error naming it; with
+    --skip_bad_samples the split is made from the other ten, and both summaries count the sample and say
+    in final_result.txt where it is listed."""
+    data = write_isic2018(tmp_path / "isic2018", n=11, sizes=SIZES)
+    garbled = sorted((data / P.IMAGE_DIR).iterdir())[2]
+    garbled.write_bytes(garbled.read_bytes()[:40])
+    models, results = tmp_path / "models", tmp_path / "result"
+    args = ["--data_path", str(data), "--image_size", "32", "--batch_size", "2", "--workers", "0",
+            "--num_epochs", "1", "--max_steps", "1", "--warmup_steps", "0", "--model_path", str(models),
+            "--result_path", str(results)]  # fmt: skip
+    capsys.readouterr()
+    assert _main(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("[Error] ") and str(garbled) in err and "--skip_bad_samples" in err
+    assert not models.exists()
+
+    assert _main(*args, "--skip_bad_samples") == 0
+    listed = models / "U_Net" / "skipped_samples.txt"
+    note = f"--skip_bad_samples: 1 bad sample(s) left out (1 problem(s)); listed in {listed}"
+    summary = json.loads((models / "U_Net" / "summary.json").read_text())
+    assert summary["skipped_samples"] == 1 and summary["notes"] == [note]
+    assert f"Note: {note}" in (models / "U_Net" / "final_result.txt").read_text()
+    assert listed.read_text().split("\t")[:2] == [garbled.stem, str(garbled)]
+    assert summary["best_validation"]["images"] + summary["test"]["images"] == 3  # 10 pairs: 7 / 1 / 2
+
+    tested = ["--mode", "test", *args[:2], "--image_size", "32", "--workers", "0", "--model_path", str(models),
+              "--result_path", str(results)]  # fmt: skip
+    assert _main(*tested) == 2 and str(garbled) in capsys.readouterr().err
+    assert _main(*tested, "--skip_bad_samples") == 0
+    summary = json.loads((results / "U_Net" / "summary.json").read_text())
+    assert summary["skipped_samples"] == 1 and summary["mode"] == "eval"
+    assert f"listed in {results / 'U_Net' / 'skipped_samples.txt'}" in summary["notes"][0]
+    assert summary["notes"][0] in (results / "U_Net" / "final_result.txt").read_text()
+
+
 def test_flag_rules_are_stated(demo, capsys):
     with pytest.raises(SystemExit):
         _main("--data_path", str(demo), "--image_size", "40")
     assert "multiple of 16" in capsys.readouterr().err
-    assert _main("--data_path", str(demo), "--image_size", "16", "--batch_size", "1", "--workers", "0") == 1
+    assert _main("--data_path", str(demo), "--image_size", "16", "--batch_size", "1", "--workers", "0") == 2
     assert "one value per channel" in capsys.readouterr().err
     assert math.isclose(lr_factor(0, 1, 1), 1.0)

@@ -309,6 +309,24 @@ def test_dataset_py_checks_every_file_before_writing_the_split(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_dataset_py_skip_bad_samples_leaves_them_out_and_lists_them(
+    folder, data, tmp_path, monkeypatch, capsys
+):
+    bad, _ = _damage("jpeg_truncated_in_header", data)
+    mask_path(data, 9).write_bytes(b"not a png")
+    out = tmp_path / "prepared"
+    argv = ["--data_path", str(data), "--output_path", str(out), "--train_ratio", "0.6", "--valid_ratio", "0.2",
+            "--skip_bad_samples"]  # fmt: skip
+    assert entry(monkeypatch, folder, "dataset.py", *argv) == 0
+    printed = capsys.readouterr().out
+    assert f"2 bad sample(s) left out (2 problem(s)); listed in {out / 'skipped_samples.txt'}" in printed
+    listed = sorted(line.split("\t")[1] for line in (out / "skipped_samples.txt").read_text().splitlines())
+    assert listed == sorted([str(bad), str(mask_path(data, 9))])
+    kept = sorted(p.stem for split in P.SPLITS for p in (out / split).iterdir())
+    assert kept == sorted(stem(i) for i in range(10) if i not in (1, 9))
+
+
 def test_damaged_zip_members_are_named_by_their_place_in_the_zip(data, tmp_path, monkeypatch, capsys):
     truncate(image_path(data, 1), 0.3)
     zips = tmp_path / "zips"
@@ -354,8 +372,8 @@ def _rows(data: Path) -> dict[str, np.ndarray]:
     root = P.resolve_data_path(data, log=lambda _: None)
     rows = {}
     for split in P.SPLITS:
-        path, ids = open_split_cache(root, split, CACHE, log=lambda _: None)
-        rows.update(zip(ids, np.load(path)))
+        cache = open_split_cache(root, split, CACHE, log=lambda _: None)
+        rows.update(zip(cache.ids, np.load(cache.array_path)))
     return rows
 
 
@@ -450,9 +468,9 @@ def test_batchnorm_and_batch_versus_split_rules(folder, demo, tmp_path, monkeypa
     out = tmp_path / "out"
     argv = train_args(demo, out)
     argv[argv.index("--image_size") + 1] = "16"
-    assert entry(monkeypatch, folder, "main.py", *argv, "--batch_size", "1") == 1
+    assert entry(monkeypatch, folder, "main.py", *argv, "--batch_size", "1") == 2
     failure(capsys, "--image_size 16 with 1 image(s) per rank leaves BatchNorm one value per channel")
-    assert entry(monkeypatch, folder, "main.py", *train_args(demo, out), "--batch_size", "8") == 1
+    assert entry(monkeypatch, folder, "main.py", *train_args(demo, out), "--batch_size", "8") == 2
     failure(capsys, "the training split has 7 samples", "fewer than one batch of 8")
     assert not any((out / "models").rglob("*.pth.tar")) if (out / "models").exists() else True
 
@@ -672,7 +690,7 @@ def test_weights_only_resume_is_explained(bad_checkpoints, demo, tmp_path, monke
     failure(capsys, f"{plain} holds weights only, not a training state", "--pth_path")
     assert entry(monkeypatch, "AttU_Net", "main.py", *train_args(demo, tmp_path / "out"), "--resume",
                  str(tmp_path / "none.pth")) != 0  # fmt: skip
-    failure(capsys, f"--resume {tmp_path / 'none.pth'}: no such checkpoint file")
+    failure(capsys, f"checkpoint {tmp_path / 'none.pth'} does not exist (--resume: no such checkpoint file)")
     nothing_written(tmp_path / "out")
 
 

@@ -19,6 +19,7 @@ from common.losses import (
     TwoClassDiceLoss,
     build_loss,
 )
+from common.testing import SyncCounter
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -178,6 +179,24 @@ def test_cross_entropy_rejects_bad_targets():
         CrossEntropyLoss(weight=[1.0, 2.0])(x, torch.zeros(1, 4, 4, dtype=torch.long))
 
 
+def test_cross_entropy_class_weights_are_a_buffer_that_moves_with_the_loss():
+    loss = CrossEntropyLoss(weight=[0.3, 0.7])
+    assert dict(loss.named_buffers())["weight"] is loss.weight
+    assert loss.to("meta").weight.device.type == "meta"
+
+
+def test_cross_entropy_takes_logits_on_another_device_than_its_weights():
+    # The weights stay on the host (a loss never moved); the logits live on another device ("meta" here,
+    # an accelerator in training). One-hot targets: the path that reads nothing back to the host.
+    loss = CrossEntropyLoss(weight=[0.3, 0.7])
+    logits = torch.randn(2, 2, 4, 4, device="meta")
+    target = torch.zeros(2, 2, 4, 4, device="meta")
+    out = loss(logits, target)
+    assert out.device.type == "meta" and out.shape == ()
+    assert loss.weight.device.type == "meta"  # moved once, not on every step
+    assert loss(logits, target).device.type == "meta"
+
+
 def test_two_class_dice_by_hand():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(2, 2, 3, 5, 4)).astype(np.float64)
@@ -254,3 +273,119 @@ def test_deep_supervision_loss_averages():
     torch.testing.assert_close(DeepSupervisionLoss(base)(outs[0], t), parts[0])
     with pytest.raises(ConfigError, match="4 outputs"):
         DeepSupervisionLoss(base, [1.0, 1.0])(outs, t)
+
+
+# ---------------------------------------------------------------- batched Lovasz hinge and host syncs
+def _lovasz_hinge_image_by_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The Lovasz hinge one image at a time with 1-D sorts, as LovaszHingeLoss computed it before it was
+    batched: the reference for the batched form's values and gradients."""
+    x = logits.float().reshape(logits.shape[0], -1)
+    t = (target.float().reshape(target.shape[0], -1) > 0.5).float()
+    losses = []
+    for xi, ti in zip(x, t):
+        errors = 1 - xi * (2 * ti - 1)
+        errors_sorted, order = torch.sort(errors, descending=True)
+        labels = ti[order]
+        missed, false_alarms = labels.cumsum(0), (1 - labels).cumsum(0)
+        loss_at = (missed + false_alarms) / (labels.sum() + false_alarms)
+        grad = torch.cat([loss_at[:1], loss_at[1:] - loss_at[:-1]])
+        losses.append((F.relu(errors_sorted) * grad).sum())
+    return torch.stack(losses).mean()
+
+
+def _lovasz_case(seed: int, shape: tuple[int, ...], masks: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(shape, generator=g)
+    t = (torch.rand(shape, generator=g) < 0.4).float()
+    if masks == "empty":
+        t.zero_()
+    elif masks == "full":
+        t.fill_(1.0)
+    elif masks == "mixed":  # one image without foreground, one all foreground, the rest random
+        t[0] = 0.0
+        if shape[0] > 1:
+            t[1] = 1.0
+    return x, t
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 7, 9), (2, 1, 16, 16), (5, 1, 6, 6), (3, 1, 4, 5, 6),
+                                   (4, 9, 11)], ids=str)  # fmt: skip
+@pytest.mark.parametrize("masks", ["random", "empty", "full", "mixed"])
+def test_batched_lovasz_hinge_equals_image_by_image_in_value_and_gradient(shape, masks):
+    x, t = _lovasz_case(sum(shape), shape, masks)
+    x_batched = x.clone().requires_grad_()
+    x_loop = x.clone().requires_grad_()
+    got = LovaszHingeLoss()(x_batched, t)
+    expected = _lovasz_hinge_image_by_image(x_loop, t)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(x_batched.grad, x_loop.grad, rtol=1e-5, atol=1e-6)
+    assert x_batched.grad.abs().sum() > 0 or got.item() == 0
+
+
+def test_lovasz_hinge_with_tied_errors_keeps_its_value():
+    """Equal errors sort in any order; the Lovasz extension sums the same increments over a tie."""
+    x = torch.zeros(3, 1, 5, 5)  # every hinge error is 1
+    x[1, 0, :2] = 0.5
+    _, t = _lovasz_case(7, (3, 1, 5, 5), "mixed")
+    torch.testing.assert_close(LovaszHingeLoss()(x, t), _lovasz_hinge_image_by_image(x, t))
+
+
+def test_lovasz_hinge_runs_the_same_ops_whatever_the_batch_size():
+    """No Python loop over images: a batch of 8 dispatches exactly as many ATen ops as a batch of 1."""
+    counts = []
+    for n in (1, 8):
+        x, t = _lovasz_case(n, (n, 1, 12, 12), "random")
+        x.requires_grad_()
+        with SyncCounter() as syncs:
+            LovaszHingeLoss()(x, t).backward()
+        counts.append(syncs.ops)
+    assert counts[0] == counts[1], counts
+
+
+def _sync_free_case(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case for each loss in the target form that stays on the device: class maps for the two-class
+    Dice loss, one-hot maps for cross-entropy (its class-map form checks indices on the host)."""
+    torch.manual_seed(0)
+    if name == "TwoClassDiceLoss":
+        return 3 * torch.randn(2, 2, 6, 8, 8), torch.randint(0, 2, (2, 6, 8, 8))
+    if name == "CrossEntropyLoss":
+        cls = torch.randint(0, 2, (2, 24, 24))
+        return 3 * torch.randn(2, 2, 24, 24), F.one_hot(cls, 2).movedim(-1, 1).float()
+    return 3 * torch.randn(2, 1, 24, 24), (torch.rand(2, 1, 24, 24) > 0.6).float()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_forward_and_backward_of_each_loss_never_wait_for_the_device(name):
+    loss = build_loss(name)
+    x, t = _sync_free_case(name)
+    x.requires_grad_()
+    with SyncCounter() as syncs:
+        loss(x, t).backward()
+        DeepSupervisionLoss(loss, [1.0, 2.0])([x, 2 * x], t).backward()
+    assert syncs.total == 0, syncs
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("target_form", ["long", "float", "bool", "channel"])
+def test_two_class_dice_takes_every_class_map_form_without_host_reads(target_form):
+    x, cls = _sync_free_case("TwoClassDiceLoss")
+    reference = TwoClassDiceLoss()(x, F.one_hot(cls, 2).movedim(-1, 1).float())  # the one-hot path
+    target = {"long": cls, "float": cls.float(), "bool": cls.bool(), "channel": cls[:, None]}[target_form]
+    with SyncCounter() as syncs:
+        got = TwoClassDiceLoss()(x, target)
+    assert syncs.total == 0, syncs
+    torch.testing.assert_close(got, reference)
+
+
+@pytest.mark.parametrize("bad", [0.5, 2, -1], ids=["fraction", "class 2", "negative"])
+def test_two_class_dice_turns_loss_and_gradients_nan_for_labels_outside_0_1(bad):
+    x, cls = _sync_free_case("TwoClassDiceLoss")
+    x.requires_grad_()
+    target = cls.float() if isinstance(bad, float) else cls.clone()
+    target[1, 2, 3, 4] = bad
+    loss = TwoClassDiceLoss()(x, target)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(x.grad).all()  # so the training loop skips the step instead of learning from it

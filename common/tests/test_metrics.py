@@ -140,13 +140,13 @@ def test_segmentation_metrics_against_numpy(shape, seed):
     m.update(to_logits(p), torch.from_numpy(t).float().unsqueeze(1))
     got = m.compute()
     refs = [ref_scores(p[i], t[i]) for i in range(shape[0])]
-    for name in SCORES:
-        assert got[f"{name}_mean"] == pytest.approx(np.mean([r[name] for r in refs]), rel=1e-12)
+    for name in SCORES:  # per-image scores are float32 on the device; pooled ones float64 on the host
+        assert got[f"{name}_mean"] == pytest.approx(np.mean([r[name] for r in refs]), rel=1e-6)
     pooled = ref_scores(p, t)  # one big image = the counts summed over images
     for name in SCORES:
         assert got[f"{name}_pooled"] == pytest.approx(pooled[name], rel=1e-12)
     assert got["n_images"] == shape[0] and got["n_empty_target"] == 0
-    assert math.isnan(got["hd95_mean"]) and got["hd95_inf_count"] == 0
+    assert math.isnan(got["hd95_mean"]) and got["hd95_excluded"] == 0
 
 
 def test_toy_8x8_from_references():
@@ -311,9 +311,9 @@ def test_state_tensor_is_additive():
     a, b = _metrics_on(logits[:2], target[:2]), _metrics_on(logits[2:], target[2:])
     merged = SegmentationMetrics(compute_hd95=True)
     merged.load_state_tensor(a.state_tensor() + b.state_tensor())
-    torch.testing.assert_close(merged.state_tensor(), whole.state_tensor(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(merged.state_tensor(), whole.state_tensor())  # integer sums: exact in any order
     assert merged.compute() == pytest.approx(whole.compute(), nan_ok=True)
-    assert whole.compute()["hd95_inf_count"] == 1 and whole.state_tensor().dtype == torch.float64
+    assert whole.compute()["hd95_excluded"] == 1 and whole.state_tensor().dtype == torch.int64
     whole.reduce()  # no process group: no-op
     assert whole.compute() == pytest.approx(merged.compute(), nan_ok=True)
     whole.reset()
@@ -351,7 +351,7 @@ def test_reduce_over_two_gloo_processes_equals_single_process():
         assert proc.exitcode == 0
     whole = _metrics_on(*_halves()).state_tensor()
     for rank in (0, 1):
-        torch.testing.assert_close(results[rank], whole, rtol=1e-12, atol=1e-12)
+        assert torch.equal(results[rank], whole)
 
 
 # ---------------------------------------------------------------- HD95

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import random
 from pathlib import Path
@@ -56,7 +57,10 @@ def test_device_index_precedence(monkeypatch):
 
 def test_modelzoo_variables_become_torchrun_variables(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # Set, then removed: monkeypatch then restores the absence, so the variables the call under test
+        # writes do not leak into later tests (a leaked WORLD_SIZE=8 makes them wait for 7 peers).
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("RANK_SIZE", "8")
     monkeypatch.setenv("RANK_ID", "5")
     modelzoo_env_to_torchrun()
@@ -303,6 +307,23 @@ def test_summary_has_the_modelzoo_lines_in_order(tmp_path):
     assert lines["ActualLoss"] == "0.2500" and lines["TrainAccuracy"] == "0.9500"
     assert (tmp_path / "train_AttU_Net_bs16_1p_acc_loss.txt").read_text().split() == ["0.500000", "0.250000"]
     assert "Final Performance images/sec : 200.000" in (tmp_path / "final_result.txt").read_text()
+
+
+def test_summary_notes_end_the_final_result_block_and_skipped_samples_are_counted(tmp_path, capsys):
+    target = SummaryTarget(tmp_path, "VNet", "VNet_bs2_1p_acc", 2, 1, "acc", start_time=0.0)
+    note = "--skip_bad_samples: 2 bad sample(s) left out (3 problem(s)); listed in /run/skipped_samples.txt"
+    write_summary(
+        target, RunSummary(fps=5.0, train_accuracy=0.5, actual_loss=0.1, notes=[note], skipped_samples=2)
+    )
+    block = (tmp_path / "final_result.txt").read_text().splitlines()
+    assert block[-1] == f"Note: {note}" and block[-2].startswith("E2E Training Duration sec")
+    assert f"Note: {note}" in capsys.readouterr().out  # the block the shell prints
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_samples"] == 2 and summary["notes"] == [note]
+    assert "Note" not in (tmp_path / "VNet_bs2_1p_acc.log").read_text()  # Key = Value lines only
+    write_summary(target, RunSummary(fps=5.0, train_accuracy=0.5, actual_loss=0.1))
+    assert "Note:" not in (tmp_path / "final_result.txt").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_samples"] == 0
 
 
 def test_perf_and_eval_summaries_drop_their_lines(tmp_path):

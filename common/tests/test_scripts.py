@@ -64,7 +64,8 @@ def test_a_dying_rank_stops_the_job_nonzero_and_leaves_no_process(tmp_path):
     proc = run_script(f"--data_path={tmp_path}", "--die_rank=1", "--dist_timeout=60", rank_size=2)
     assert proc.returncode != 0
     assert time.monotonic() - start < 120
-    leftover = subprocess.run(["pgrep", "-f", str(TOY / "train.py")], capture_output=True, text=True)
+    # This run's processes only (its --data_path is in their command lines): other runs of the toy may be alive.
+    leftover = subprocess.run(["pgrep", "-f", f"--data_path={tmp_path}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
 
 

@@ -18,11 +18,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from common.cli import add_common_args, describe_config, print_config, setup_runtime  # noqa: E402
-from common.engine import TrainingRun, evaluate, train_one_epoch  # noqa: E402
+from common.cli import add_common_args, add_schedule_args, describe_config, print_config, setup_runtime  # noqa: E402
+from common.engine import TrainingRun, evaluate  # noqa: E402
 from common.loader import SeededDataset, build_loader  # noqa: E402
 from common.losses import build_loss  # noqa: E402
 from common.metrics import SegmentationMetrics  # noqa: E402
+from common.summary import SummaryTarget  # noqa: E402
+from common.trainer import Hooks, LoopConfig, StartPoint, fit, prepare  # noqa: E402
 
 
 class Squares(SeededDataset):
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         "--nan_after_step", type=int, default=-1, help="make the loss NaN from this step (tests)"
     )
     add_common_args(parser, seed=3, workers=0)
+    add_schedule_args(parser)
     args = parser.parse_args(argv)
     runtime = setup_runtime(args)
-    model = ToyNet().to(runtime.device.device)
+    model = ToyNet()
     train_set, val_set = Squares(24, seed=args.seed), Squares(10, offset=1000)
     train_loader = build_loader(
         train_set,
@@ -99,14 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         from common.checkpoint import load_weights
 
         load_weights(model, args.evaluate)
+        model.to(runtime.device.device)
         result = evaluate(model, val_loader, metrics, runtime)
         if runtime.is_main and args.metrics_out:
             Path(args.metrics_out).write_text(json.dumps(result))
         runtime.dist.shutdown()
         return 0
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.9)
-    model = runtime.dist.wrap(model, runtime.device)
     base_loss = build_loss("BCEDiceLoss")
     step_counter = {"n": 0}
 
@@ -117,27 +118,40 @@ def main(argv: list[str] | None = None) -> int:
             loss = loss * float("nan")
         return loss
 
+    start = StartPoint.read(resume=args.resume)
+    start.load_weights(model)
+    model, optimizer = prepare(model, lambda m: torch.optim.Adam(m.parameters(), lr=args.lr), runtime)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.9)
     config = describe_config(runtime)
     print_config(runtime, config, Path(args.save) / "config.json")
+    target = SummaryTarget.from_env(args.save, "Toy", args.batch_size, runtime.dist.world_size)
     run = TrainingRun(runtime, args.save, model=model, optimizer=optimizer, scheduler=scheduler, config=config,
-                      selection_key="dice_mean", network="Toy", batch_size=args.batch_size)  # fmt: skip
-    start = run.resume(args.resume)
-    for epoch in range(start, args.epochs):
-        if runtime.dist.rank == args.die_rank:
-            os._exit(3)
-        run.begin_epoch(epoch, train_loader)
-        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, runtime, epoch=epoch,
-                                throughput=run.throughput, global_step=run.global_step,
-                                on_log=lambda s: runtime.print(f"Epoch [{s.epoch + 1}/{args.epochs}], Step:[{s.step}/{s.steps}], Loss: {s.loss:.4f}"))  # fmt: skip
-        val = evaluate(model, val_loader, metrics, runtime, loss_fn=base_loss)
-        scheduler.step()
-        run.end_epoch(epoch, stats, val)
-        runtime.print(f"[Validation] Dice: {val['dice_mean']:.4f}")
-        if args.rss_log:
-            with open(f"{args.rss_log}.{runtime.dist.rank}", "a") as handle:
-                handle.write(f"{_rss_kb()}\n")
-        if epoch == args.crash_after_epoch:
-            raise SystemExit(17)
+                      selection_key="dice_mean", target=target)  # fmt: skip
+    run.start(start)
+
+    class ToyHooks(Hooks):
+        def on_step(self, s):
+            runtime.print(
+                f"Epoch [{s.epoch + 1}/{args.epochs}], Step:[{s.step}/{s.steps}], Loss: {s.loss:.4f}"
+            )
+
+        def after_train(self, epoch, stats):
+            if runtime.dist.rank == args.die_rank:
+                os._exit(3)
+
+        def validate(self, epoch):
+            return evaluate(model, val_loader, metrics, runtime, loss_fn=base_loss)
+
+        def on_epoch(self, result):
+            runtime.print(f"[Validation] Dice: {result.val['dice_mean']:.4f}")
+            if args.rss_log:
+                with open(f"{args.rss_log}.{runtime.dist.rank}", "a") as handle:
+                    handle.write(f"{_rss_kb()}\n")
+            if result.epoch == args.crash_after_epoch:
+                raise SystemExit(17)
+
+    loop = LoopConfig.from_args(args, epochs=args.epochs)
+    fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=ToyHooks())
     run.finish(run.history[-1]["dice_mean"] if run.history else None)
     if runtime.is_main and args.metrics_out:
         Path(args.metrics_out).write_text(json.dumps(run.history[-1]))
