@@ -60,6 +60,7 @@ from sliding_window import sliding_window_inference, window_starts
 from torch.utils.data import DataLoader
 from vnet import VNet
 
+from common.bench import describe_cpu
 from common.cli import run_main
 from common.device import select_device
 from common.errors import ConfigError
@@ -231,22 +232,6 @@ def _reads_per_patch(cases: Sequence[int], capacity: int) -> float:
     return reads / max(1, len(cases))
 
 
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
-    )
-    flags = next(
-        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
-    )
-    return (
-        f"{model}, avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, {info.count('processor')} core(s)"
-    )
-
-
 def run_loader(args: argparse.Namespace) -> int:
     from train import auto_patch  # the patch train.py picks by default
 
@@ -278,7 +263,7 @@ def run_loader(args: argparse.Namespace) -> int:
         "memory-mapped .npy, volume-grouped patches": (CaseReader(spec), "grouped"),
     }  # fmt: skip
     print(f"{len(cases)} volumes of {'x'.join(map(str, first[0].shape))} ({case_mb:.1f} MiB each), patch "
-          f"{'x'.join(map(str, patch))}, {spv} per volume, batch {args.batch}; {_cpu()}, torch {torch.__version__}, "
+          f"{'x'.join(map(str, patch))}, {spv} per volume, batch {args.batch}; {describe_cpu()}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     rows = []
     for name, (reader, order) in setups.items():

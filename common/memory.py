@@ -49,27 +49,24 @@ _BATCH_NORM_MESSAGE = "more than 1 value per channel"
 # ------------------------------------------------------------------------------------------- host memory
 
 
-def _status_bytes(key: str) -> int | None:
-    """A `kB` line of /proc/self/status in bytes (None off Linux)."""
+def _kb_line_bytes(path: str, key: str) -> int | None:
+    """A `Key:  N kB` line of a /proc file in bytes (None off Linux or when absent)."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _status_bytes(key: str) -> int | None:
+    return _kb_line_bytes("/proc/self/status", key)
 
 
 def _meminfo_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _kb_line_bytes("/proc/meminfo", key)
 
 
 def _read_int(path: str) -> int | None:

@@ -1,4 +1,4 @@
-"""Issue 8 (hardening) for UNet_mindspore: bad data, bad flags, bad rank tables, hostile checkpoints and
+"""Hardening of UNet_mindspore: bad data, bad flags, bad rank tables, hostile checkpoints and
 crashes, tried against the real entry points (train.py, eval.py, export.py, launch_8p.py, test/*.sh).
 
 Bad inputs run in-process (milliseconds each) and must stop with one ModelZooError / argparse message that

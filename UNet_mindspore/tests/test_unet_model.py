@@ -56,7 +56,7 @@ def _expected_keys() -> set[str]:
 
 
 def _rule_valid(n: int) -> bool:
-    """The rule from the brief, written independently of the model's own arithmetic."""
+    """The output-size rule of the U-Net, written independently of the model's own arithmetic."""
     for _ in range(4):
         n -= 4
         if n <= 0 or n % 2:

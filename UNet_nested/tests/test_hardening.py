@@ -1,4 +1,4 @@
-"""Issue 8 (hardening) for UNet_nested: bad data, bad flags, hostile or damaged checkpoints and crashes,
+"""Hardening of UNet_nested: bad data, bad flags, hostile or damaged checkpoints and crashes,
 tried against the real entry points (preprocess_dsb2018.py, train.py, train.py --evaluate, demo.py,
 pthtar2onnx.py).
 

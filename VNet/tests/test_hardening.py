@@ -1,4 +1,4 @@
-"""Issue 8 (hardening) for VNet: bad data, bad flags, hostile or damaged checkpoints and crashes, tried
+"""Hardening of VNet: bad data, bad flags, hostile or damaged checkpoints and crashes, tried
 against the real entry points (normalize_dataset.py, train.py, predict.py, pthtar2onnx.py).
 
 Every bad input must end in ONE user error (a ModelZooError, or argparse's / run_main's exit 2) whose

@@ -1,4 +1,4 @@
-"""Issue 8 (hardening) for the ISIC family: bad data, bad flags, bad checkpoints and killed runs, tried
+"""Hardening of the ISIC family: bad data, bad flags, bad checkpoints and killed runs, tried
 against the REAL entry points of AttU_Net/ and R2U_Net/ (dataset.py, main.py train / --mode test,
 predict.py, pthtar2onx.py, run_scripts/run_AttU_Net.py, test/*.sh).
 
