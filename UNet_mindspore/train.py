@@ -22,7 +22,7 @@ import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
 import torch
 from src.checkpoints import default_ckpt_dir
 from src.config import FOLDS, cfg_unet
-from src.data_loader import PAD_MODES, create_dataset, load_train_data, schedule
+from src.data_loader import PAD_MODES, IsbiDataset, create_dataset, load_train_data, schedule
 from src.loss import CrossEntropyWithLogits
 from src.unet import UNetMedical, check_input_size, output_size
 from src.utils import StepLossTimeMonitor, UnetMetrics, keep_named_checkpoint, named_checkpoints
@@ -259,11 +259,18 @@ def train_fold(
     )
     plan = schedule(len(train_set.pages), n_passes, repeat, world, args.batchsize)
     loop = LoopConfig.from_args(
-        args, epochs=len(plan), steps_per_epoch=plan, val_interval=args.val_interval if args.run_eval else 0
-    )
+        args, epochs=len(plan), steps_per_epoch=plan, per_device_batch=args.batchsize,
+        val_interval=args.val_interval if args.run_eval else 0,
+    )  # fmt: skip
     plan = loop.plan(plan[0])
     train_loader = build_loader(train_set, args.batchsize, runtime.dist, train=True, workers=args.workers, seed=args.seed)  # fmt: skip
     val_loader = build_loader(val_set, 1, runtime.dist, train=False)
+    # --precise_bn's batches: the training pages, unaugmented (the MindSpore network has no BatchNorm, so
+    # this only matters for networks that do).
+    bn_set = IsbiDataset(
+        data, train_set.pages, args.image_size, args.num_classes, False, 1, args.pad_mode, args.seed
+    )
+    bn_loader = build_loader(bn_set, args.batchsize, runtime.dist, train=False)
     seed_everything(args.seed)  # every fold starts from the same initial weights
     model = UNetMedical(n_channels=args.num_channels, n_classes=args.num_classes)
     start.load_weights(model)
@@ -287,7 +294,7 @@ def train_fold(
     runtime.print("dataset length is:", plan[0])
     runtime.print("============== Starting Training ==============")
     hooks = FoldHooks(args, runtime, model, val_loader, loss_fn, fold, run, monitor)
-    result = fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=hooks)
+    result = fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=hooks, bn_loader=bn_loader)
     budget, val = result.budget, result.last_val
     runtime.print("============== End Training ==============")
     runtime.print(

@@ -5,7 +5,10 @@
 
 Per image, `<id>_mask.png` (0/255, at the image's own size) and `<id>_overlay.png` (prediction in red,
 ground truth contour in green when known) go to `--output` (default outputs/UNet_Demo/). Without
-`--input`, the validation images of the checkpoint's training data are used and their Dice is printed.
+`--input`, the validation images of the checkpoint's training data are used; with `--input` a folder in
+the prepared layout (`images/` + `masks/0/` or `masks/`), every image in it. Where masks are known each
+image's Dice and IoU are printed, then the mean IoU over images and the reference's batch-pooled IoU
+(batches of `--iou_batch` in the listed order), both at the images' own size.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import json
 from pathlib import Path
 
 import repo_path  # noqa: F401  (puts the monorepo root on sys.path)
+from dataset import find_samples
 from inference import add_model_args, image_loader, load_model, validation_samples
+from iou import REFERENCE_BATCH, batch_pooled_iou, per_image_iou
 
 from common.cli import positive_int, run_main
 from common.datacheck import check_pairs, format_problems
@@ -60,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=probability, default=0.5, help="foreground where sigmoid > this")
     parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png")
+    parser.add_argument("--iou_batch", type=positive_int, default=REFERENCE_BATCH,
+                        help="batch of the reference's batch-pooled IoU")  # fmt: skip
     args = parser.parse_args(argv)
     model, settings = load_model(args)
-    if args.input:
+    if args.input and (Path(args.input) / "images").is_dir():  # a dataset folder: score every image
+        samples = find_samples(args.input, settings["img_ext"], settings["mask_ext"])
+        paths, masks = [s[1] for s in samples], {s[1]: s[2] for s in samples}
+    elif args.input:
         paths, masks = list_images(args.input), {}
     else:
         samples = validation_samples(settings)
@@ -75,12 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     out = Path(args.output)
     (out / "predictions.json").write_text(json.dumps(rows, indent=1) + "\n")
-    dice = [r["dice"] for r in rows if r.get("dice") is not None]
+    scored = [r for r in rows if r.get("dice") is not None]
     for row in rows:
-        score = f"  Dice {row['dice']:.4f}" if row.get("dice") is not None else ""
+        score = ""
+        if row.get("dice") is not None:
+            score = f"  Dice {row['dice']:.4f}  IoU {per_image_iou(row['intersection'], row['union']):.4f}"
         print(f"{Path(row['image']).name}: foreground {row['foreground_fraction']:.1%}{score}")
-    summary = f"; mean Dice {sum(dice) / len(dice):.4f} over {len(dice)} images" if dice else ""
-    print(f"wrote {len(rows)} masks and overlays to {out}{summary}")
+    print(f"wrote {len(rows)} masks and overlays to {out}")
+    if scored:
+        ious = [per_image_iou(r["intersection"], r["union"]) for r in scored]
+        pooled = batch_pooled_iou(
+            [r["intersection"] for r in scored], [r["union"] for r in scored], args.iou_batch
+        )
+        print(
+            f"{len(scored)} images scored: mean Dice {sum(r['dice'] for r in scored) / len(scored):.4f}, "
+            f"IoU {sum(ious) / len(ious):.4f} per image, {pooled:.4f} batch-pooled (batches of {args.iou_batch})"
+        )
     return 0
 
 

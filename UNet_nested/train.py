@@ -38,6 +38,7 @@ from dataset import (
     repeats_for,
     split_ids,
 )
+from iou import REFERENCE_BATCH, DSBScores, per_image_iou
 from preprocess_dsb2018 import STAGE1_TREE, locate_stage1, prepared_skips, preprocess
 
 from common.cache import default_cache_dir
@@ -139,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--pretrained", default="", help="initial weights (a state_dict or a checkpoint)")
     group.add_argument("-e", "--evaluate", action="store_true", help="one validation pass of --resume")
+    group.add_argument(
+        "--eval_split", choices=("val", "all"), default="val",
+        help="--evaluate scores the validation split of --data_path (val), or every image in it (all: a "
+        "held-out folder of your own)",
+    )  # fmt: skip
+    group.add_argument(
+        "--iou_batch", type=positive_int, default=REFERENCE_BATCH,
+        help="--evaluate: batch size of the reference's batch-pooled IoU (its validation batch: 16)",
+    )  # fmt: skip
     add_common_args(parser, seed=5)
     add_schedule_args(parser)
     return parser
@@ -366,6 +376,7 @@ class Data:
     save_dir: Path
     train_set: NucleiDataset
     val_set: NucleiDataset
+    bn_set: NucleiDataset  # the training images with the evaluation transform (--precise_bn)
     extra: dict  # for config.json and summary.json
     notes: list[str]  # for the final result: how many bad samples were left out and where they are listed
 
@@ -390,6 +401,8 @@ def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
     if not samples:
         raise _none_left(root, unpaired + unreadable)
     train_ids, val_ids = split_ids([s[0] for s in samples], args.val_split, args.split_seed)
+    if args.evaluate and args.eval_split == "all":
+        val_ids = sorted(s[0] for s in samples)
     images, masks = cached_arrays(samples, h, w, c, log=runtime.print, checked=True)
     row_of = {s[0]: i for i, s in enumerate(samples)}
     world = runtime.dist.world_size
@@ -403,10 +416,16 @@ def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
         images, masks, [row_of[i] for i in train_ids], train_ids, seed=args.seed, repeats=repeats
     )
     val_set = NucleiDataset(images, masks, [row_of[i] for i in val_ids], val_ids)
-    runtime.print(
-        f"Data: {root} | {len(train_ids)} train / {len(val_ids)} val images (sorted ids, test_size "
-        f"{args.val_split}, random_state {args.split_seed}) | {args.input_h}x{args.input_w}"
-    )
+    bn_set = NucleiDataset(images, masks, [row_of[i] for i in train_ids], train_ids)
+    if args.evaluate and args.eval_split == "all":
+        runtime.print(
+            f"Data: {root} | all {len(val_ids)} images scored (--eval_split=all) | {args.input_h}x{args.input_w}"
+        )
+    else:
+        runtime.print(
+            f"Data: {root} | {len(train_ids)} train / {len(val_ids)} val images (sorted ids, test_size "
+            f"{args.val_split}, random_state {args.split_seed}) | {args.input_h}x{args.input_w}"
+        )
     name = args.name or f"{dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}"
     save_dir = Path(args.models_dir) / name
     # The preparation's own list stays in <prepared>/; this run's list holds every sample it left out
@@ -423,7 +442,7 @@ def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
     extra = {"data_root": str(root.resolve()), "dataset": dataset, "name": name,
              "train_images": len(train_ids), "val_images": len(val_ids), "train_repeats": repeats,
              "skipped_samples": skipped_count(bad), "skipped": [[b.path, b.problem] for b in bad]}  # fmt: skip
-    return Data(root, name, save_dir, train_set, val_set, extra, notes)
+    return Data(root, name, save_dir, train_set, val_set, bn_set, extra, notes)
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -506,9 +525,11 @@ class NestedHooks(Hooks):
 
 def run_training(args, runtime, start: StartPoint, loss_fn, train_loader, val_loader, data: Data) -> int:
     """The epochs, their log lines and checkpoints, and the ModelZoo summary."""
+    batch = per_rank_batch(args.batch_size, runtime.dist.world_size)
     loop = LoopConfig.from_args(
-        args, epochs=args.epochs, early_stopping=args.early_stopping if args.early_stopping >= 0 else None
-    )
+        args, epochs=args.epochs, per_device_batch=batch,
+        early_stopping=args.early_stopping if args.early_stopping >= 0 else None,
+    )  # fmt: skip
     epochs = len(loop.plan(len(train_loader)))
     model = build_model(args)
     start.load_weights(model)
@@ -524,7 +545,9 @@ def run_training(args, runtime, start: StartPoint, loss_fn, train_loader, val_lo
     run.start(start)
     print_config(runtime, config, data.save_dir / "config.json")
     hooks = NestedHooks(args, runtime, model, val_loader, loss_fn, data, run)
-    fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=hooks, train_metrics=TrainIoU())
+    bn_loader = build_loader(data.bn_set, batch, runtime.dist, train=False, workers=0)
+    fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=hooks, train_metrics=TrainIoU(),
+        bn_loader=bn_loader)  # fmt: skip
     accuracy = 100.0 * run.best_value if run.best_value is not None else None
     run.finish(accuracy, details=summary_details(run, data.extra), notes=data.notes,
                skipped_samples=data.extra["skipped_samples"])  # fmt: skip
@@ -566,8 +589,20 @@ def evaluation_weights(args: argparse.Namespace) -> str | None:
     return args.resume or None
 
 
+def write_scores(path: Path, ids: list[str], counts: list[tuple[int, int]]) -> None:
+    """One row per scored image: id, |P n T|, |P u T|, IoU (at the network's input size)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "intersection", "union", "iou"])
+        for image_id, (inter, union) in zip(ids, counts):
+            writer.writerow([image_id, inter, union, f"{per_image_iou(inter, union):.6f}"])
+    os.replace(tmp, path)
+
+
 def run_evaluation(args, runtime, start: StartPoint, val_loader, loss_fn, data: Data) -> int:
-    """One sharded validation pass of a checkpoint and the ModelZoo `_eval` summary."""
+    """One sharded pass of a checkpoint: both IoUs, the per-image scores, and the ModelZoo `_eval` summary."""
     path = start.init_path or data.save_dir / "model_best.pth.tar"
     if start.init_path is None:
         if not path.is_file():
@@ -576,16 +611,28 @@ def run_evaluation(args, runtime, start: StartPoint, val_loader, loss_fn, data: 
     model = build_model(args)
     start.load_weights(model)
     model.to(runtime.device.device)
-    runtime.print(f"Evaluating {path} on {len(data.val_set)} validation images")
-    val = evaluate(model, val_loader, SegmentationMetrics(compute_hd95=True), runtime, loss_fn=loss_fn)
+    scored = "every image" if args.eval_split == "all" else "the validation split"
+    runtime.print(f"Evaluating {path} on {len(data.val_set)} images of {data.root} ({scored})")
+    scores = DSBScores(len(data.val_set), runtime.dist.rank, runtime.dist.world_size, args.iou_batch)
+    val = evaluate(model, val_loader, scores, runtime, loss_fn=loss_fn)
     print_validation(runtime, val, len(data.val_set))
+    runtime.print(
+        f"IoU: {val['jaccard_mean']:.4f} per image (mean over {len(data.val_set)} images); "
+        f"{val['iou_batch_pooled']:.4f} batch-pooled as the reference computes it (batches of {args.iou_batch} "
+        "in the split's order, pooled, averaged over batches)"
+    )
     if runtime.is_main:
+        eval_dir = data.save_dir / "eval"
+        write_scores(eval_dir / "scores.csv", data.val_set.ids, scores.image_counts())
+        runtime.print(f"Per-image scores: {eval_dir / 'scores.csv'}")
         config = describe_config(runtime, {**data.extra, "checkpoint": str(path)})
-        target = SummaryTarget.from_env(data.save_dir / "eval", args.arch, args.batch_size,
+        target = SummaryTarget.from_env(eval_dir, args.arch, args.batch_size,
                                         runtime.dist.world_size, mode="eval")  # fmt: skip
-        details = {"checkpoint": str(path), "iou": val["jaccard_mean"], "dice": val["dice_mean"],
-                   "hd95": val["hd95_mean"], "validation": val, "device": runtime.device.as_dict(),
-                   "config": config, **data.extra}  # fmt: skip
+        details = {"checkpoint": str(path), "iou": val["jaccard_mean"], "iou_batch_pooled": val["iou_batch_pooled"],
+                   "iou_batch": args.iou_batch, "dice": val["dice_mean"], "hd95": val["hd95_mean"],
+                   "scored": {"data_root": str(data.root), "split": args.eval_split, "images": len(data.val_set),
+                              "ids": list(data.val_set.ids), "scores_csv": str(eval_dir / "scores.csv")},
+                   "validation": val, "device": runtime.device.as_dict(), "config": config, **data.extra}  # fmt: skip
         # ModelZoo _eval: TrainAccuracy is the validation IoU in percent, ActualLoss the validation loss.
         write_summary(target, RunSummary(train_accuracy=100.0 * val["jaccard_mean"], actual_loss=val["loss"],
                                          step_losses=[val["loss"]], details=details, notes=data.notes,

@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     # Patches grouped by volume: a mapped volume serves several patches in a row.
     train_loader = patch_loader(train_set, args.batchSz, dist, workers=args.workers, seed=args.seed)
     val_loader = build_loader(val_set, 1, dist, train=False, workers=0)
+    # --precise_bn's batches: training volumes' patches from a fixed grid, in order, never mirrored.
+    bn_loader = build_loader(train_set, args.batchSz, dist, train=False, workers=0)
 
     # ---- model, loss, optimisation --------------------------------------------------------------------
     model = VNet(elu=args.elu, nll=True, skip_dropout=not args.no_skip_dropout,
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         (save_dir / "split.json").write_text(json.dumps(split, indent=1) + "\n")
     hooks = VNetHooks(args, runtime, model, val_loader, loss_fn, val_patch, save_dir,
                       append=start_epoch > 0, samples_per_epoch=len(train_loader) * args.batchSz)  # fmt: skip
-    loop = LoopConfig.from_args(args, epochs=args.nEpochs)
+    loop = LoopConfig.from_args(args, epochs=args.nEpochs, per_device_batch=args.batchSz)
     try:
         fit(
             run,
@@ -402,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             loss_fn=loss_fn,
             hooks=hooks,
             train_metrics=SegmentationMetrics(),
+            bn_loader=bn_loader,
         )
     finally:
         hooks.close()

@@ -216,6 +216,16 @@ def add_schedule_args(
         "--val_interval", "--val_step", "--eval_interval", dest="val_interval", type=positive_int,
         default=val_interval, help="validate every N epochs (and after the last one)",
     )  # fmt: skip
+    group.add_argument(
+        "--precise_bn", choices=("auto", "on", "off", "compare"), default="auto",
+        help="recompute BatchNorm's running statistics over training batches (evaluation transform) before "
+        "each validation, so validation, checkpoints and export use statistics of the final weights; auto: on "
+        "below a per-device batch of 8; compare: keep the running averages and score both (common/precise_bn.py)",
+    )  # fmt: skip
+    group.add_argument(
+        "--precise_bn_batches", type=positive_int, default=200,
+        help="at most this many batches per rank for --precise_bn",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,9 @@ def predict_images(
             write_png(row["prob"], np.clip(np.nan_to_num(prob) * 255.0 + 0.5, 0, 255).astype(np.uint8))
         if target_for is not None:
             row["dice"] = None if target is None else _dice(mask, target)
+            if target is not None:  # for scores pooled over images (a batch-pooled IoU)
+                row["intersection"] = int(np.count_nonzero(mask & target))
+                row["union"] = int(np.count_nonzero(mask | target))
         rows[index] = row
 
     def run(group: list[tuple[int, torch.Tensor, np.ndarray]]) -> None:

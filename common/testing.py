@@ -191,6 +191,31 @@ def start_killed_training(folder: Path, moment: str, loss_factory: str, args: li
     )
 
 
+# ---- several ranks in one test -----------------------------------------------------------------------------
+
+
+def run_ranks(target, world: int = 2, timeout: float = 180.0) -> dict:
+    """Run `target(rank, world, port, queue)` in `world` spawned processes (a free local port for the
+    process group); returns {rank: what the rank put on the queue as (rank, value)}. The target should put
+    plain data (tensors sent from an exiting process may not arrive) and report its exceptions itself."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, world, port, queue)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=timeout) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    return results
+
+
 # ---- host-device synchronisation counter -----------------------------------------------------------------
 
 

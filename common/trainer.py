@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from common import memory
+from common import memory, precise_bn
 from common.checkpoint import load_checkpoint, load_weights, unwrap_model
 from common.cli import Runtime, apply_conv_flag
 from common.clock import BASES, Clock
@@ -385,6 +385,12 @@ class LoopConfig:
         early_stopping: stop after this many epochs without a better selection metric (None: never).
         steps_per_epoch: a plan of steps per epoch (the MindSpore U-Net's passes); default: the loader's
             length for each of `epochs` epochs.
+        precise_bn_batches: before each validation, recompute BatchNorm statistics over this many batches
+            per rank of `fit`'s `bn_loader` (0: keep the running averages; `common.precise_bn`).
+        precise_bn_compare: validate with the running averages (what the run keeps), then once more with
+            recomputed statistics, recorded as `precise_bn_<key>` columns; the running averages are put
+            back. Training is the same either way (BatchNorm trains on batch statistics), so one run
+            measures both settings.
     """
 
     epochs: int
@@ -394,6 +400,8 @@ class LoopConfig:
     val_interval: int = 1
     early_stopping: int | None = None
     steps_per_epoch: Sequence[int] | None = None
+    precise_bn_batches: int = 0
+    precise_bn_compare: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and not self.steps_per_epoch:
@@ -406,7 +414,7 @@ class LoopConfig:
             )
 
     @classmethod
-    def from_args(cls, args: Any, *, epochs: int, **overrides: Any) -> LoopConfig:
+    def from_args(cls, args: Any, *, epochs: int, per_device_batch: int, **overrides: Any) -> LoopConfig:
         """From the flags of `common.cli.add_schedule_args`, at the entry point."""
         values = dict(
             epochs=epochs,
@@ -414,6 +422,10 @@ class LoopConfig:
             time_limit=args.time_limit,
             time_basis=args.time_limit_basis,
             val_interval=args.val_interval,
+            precise_bn_batches=precise_bn.batches_per_rank(
+                args.precise_bn, args.precise_bn_batches, per_device_batch
+            ),
+            precise_bn_compare=args.precise_bn == "compare",
         )
         values.update(overrides)
         return cls(**values)
@@ -521,6 +533,25 @@ def _adjust_warmup(run: TrainingRun, planned_steps: int) -> None:
         )
 
 
+def _validate_with_precise_bn(
+    run: TrainingRun, loop: LoopConfig, hooks: Hooks, epoch: int, bn_loader: Iterable | None, prepare_batch
+) -> dict[str, float]:
+    """--precise_bn=compare: the validation with recomputed statistics, the running averages put back."""
+    layers = precise_bn.batchnorm_layers(run.model)
+    kept = [(t, t.clone()) for m in layers for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    precise_bn.recompute_bn_statistics(
+        run.model, bn_loader, run.runtime, batches=loop.precise_bn_batches, prepare_batch=prepare_batch
+    )
+    run.runtime.print("With recomputed BatchNorm statistics (--precise_bn=compare; not kept):")
+    val = hooks.validate(epoch) or {}
+    for tensor, value in kept:
+        tensor.copy_(value)
+    run.runtime.print("With the running averages (kept):")
+    return {
+        f"precise_bn_{'val_loss' if k == 'loss' else k}": v for k, v in val.items() if isinstance(v, float)
+    }
+
+
 def fit(
     run: TrainingRun,
     loop: LoopConfig,
@@ -530,10 +561,19 @@ def fit(
     hooks: Hooks | None = None,
     train_metrics: Any | None = None,
     prepare_batch: Callable | None = None,
+    bn_loader: Iterable | None = None,
 ) -> FitResult:
-    """Train from `run.start_epoch` until the first stop condition; validate, schedule and checkpoint."""
+    """Train from `run.start_epoch` until the first stop condition; validate, schedule and checkpoint.
+
+    `bn_loader`: training samples with the evaluation transform, in a fixed order, for
+    `loop.precise_bn_batches` (required when that is set).
+    """
     hooks = hooks or Hooks()
+    if loop.precise_bn_batches and bn_loader is None:
+        raise ValueError("precise_bn_batches is set but fit received no bn_loader")
     runtime, optimizer = run.runtime, run.optimizer
+    has_batchnorm = bool(precise_bn.batchnorm_layers(run.model))
+    runtime.print(precise_bn.describe(loop.precise_bn_batches, loop.precise_bn_compare, has_batchnorm))
     plan = loop.plan(len(train_loader))  # type: ignore[arg-type]
     _adjust_warmup(run, sum(plan[run.start_epoch :]))
     prepare_batch = prepare_batch or batch_to_device(runtime)
@@ -574,12 +614,25 @@ def fit(
         hooks.after_train(epoch, stats)
         val = None
         periodic = loop.val_interval > 0 and (epoch + 1) % loop.val_interval == 0
+        compared: dict[str, float] = {}
         if periodic or stopping is not None:
+            if loop.precise_bn_compare:
+                compared = _validate_with_precise_bn(run, loop, hooks, epoch, bn_loader, prepare_batch)
+            elif loop.precise_bn_batches:
+                precise_bn.recompute_bn_statistics(
+                    run.model,
+                    bn_loader,
+                    runtime,
+                    batches=loop.precise_bn_batches,
+                    prepare_batch=prepare_batch,
+                )
             val = hooks.validate(epoch)
             last_val = val if val is not None else last_val
         _step_scheduler(run.scheduler, val)
         # The history's lr is the one this epoch trained with, not the next epoch's.
-        improved = run.end_epoch(epoch, stats, val, **{"lr": lr_before, **hooks.record(epoch, stats, val)})
+        improved = run.end_epoch(
+            epoch, stats, val, **{"lr": lr_before, **compared, **hooks.record(epoch, stats, val)}
+        )
         if stopping is None and loop.early_stopping is not None and run.best_epoch is not None:
             if epoch + 1 - run.best_epoch >= loop.early_stopping:
                 stopping = "early_stopping"

@@ -17,6 +17,7 @@ import pytest
 import torch
 import train
 from inference import image_loader
+from iou import batch_pooled_iou
 from PIL import Image
 
 from common.checkpoint import load_checkpoint, load_weights
@@ -104,6 +105,18 @@ def test_eval_script_scores_the_trained_checkpoint(folder, two_rank_run):
                              "ActualLoss", "E2ETrainingTime"]  # fmt: skip
     # The same weights on the same validation split: the training run's number.
     assert float(summary["TrainAccuracy"]) == pytest.approx(100 * details["iou_best"], abs=0.02)
+    # Which images were scored, each one's counts, and the reference's batch-pooled IoU from them.
+    scored = json.loads((output / "summary.json").read_text())
+    assert scored["scored"]["split"] == "val" and scored["scored"]["images"] == 5
+    rows = (run_dir / "eval" / "scores.csv").read_text().splitlines()
+    assert (
+        rows[0] == "id,intersection,union,iou"
+        and [r.split(",")[0] for r in rows[1:]] == scored["scored"]["ids"]
+    )
+    counts = [tuple(int(v) for v in r.split(",")[1:3]) for r in rows[1:]]
+    pooled = batch_pooled_iou([c[0] for c in counts], [c[1] for c in counts], 16)
+    assert scored["iou_batch_pooled"] == pytest.approx(pooled, rel=1e-12)
+    assert "batch-pooled as the reference computes it" in (output / "train_0.log").read_text()
 
 
 @pytest.mark.slow
@@ -287,6 +300,20 @@ def nested_checkpoint(tmp_path_factory):
     return root / "models" / "data_NestedUNet_wDS" / "model_best.pth.tar"
 
 
+def test_evaluate_scores_every_image_of_another_folder_and_lists_them(nested_checkpoint, tmp_path, capsys):
+    other = _prepared(tmp_path / "held_out", n=6)
+    models = tmp_path / "m"
+    args = ["--data_path", str(other), *TINY, "--arch", "NestedUNet", "--deep_supervision", "--evaluate",
+            "--resume", str(nested_checkpoint), "--eval_split=all", "--models_dir", str(models)]  # fmt: skip
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "on 6 images of" in out and "(every image)" in out
+    details = json.loads((models / "held_out_NestedUNet_wDS" / "eval" / "summary.json").read_text())
+    assert details["scored"]["ids"] == [f"n{i}" for i in range(6)] and details["scored"]["split"] == "all"
+    assert details["checkpoint"] == str(nested_checkpoint)
+    assert 0.0 <= details["iou_batch_pooled"] <= 1.0 and details["validation"]["n_images"] == 6
+
+
 def _real_image() -> Path:
     stage1 = shared_data_dir() / "dsb2018" / "stage1_train"
     if not stage1.is_dir():
@@ -334,3 +361,15 @@ def test_demo_writes_masks_and_overlays_for_the_validation_split(nested_checkpoi
     assert demo.main(["--resume", str(nested_checkpoint), "--input", str(Path(rows[0]["image"]).parent),
                       "--output", str(folder_out)]) == 0  # fmt: skip
     assert len(list(folder_out.glob("*_mask.png"))) == 8
+
+
+def test_demo_scores_every_image_of_a_dataset_folder_with_both_ious(nested_checkpoint, tmp_path, capsys):
+    data = _prepared(tmp_path / "held_out", n=5)
+    out = tmp_path / "scored"
+    assert demo.main(["--resume", str(nested_checkpoint), "--input", str(data), "--output", str(out),
+                      "--iou_batch", "2"]) == 0  # fmt: skip
+    rows = json.loads((out / "predictions.json").read_text())
+    assert [Path(r["image"]).stem for r in rows] == [f"n{i}" for i in range(5)]
+    pooled = batch_pooled_iou([r["intersection"] for r in rows], [r["union"] for r in rows], 2)
+    assert "5 images scored" in (printed := capsys.readouterr().out)
+    assert f"{pooled:.4f} batch-pooled (batches of 2)" in printed

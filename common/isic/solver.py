@@ -391,9 +391,11 @@ def run_train(args: argparse.Namespace, runtime: Runtime, start: StartPoint) -> 
     run = TrainingRun(runtime, session.save_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                       config=config, selection_key="score", target=target, plot_metric="dice_mean")  # fmt: skip
     run.start(start)
-    loop = LoopConfig.from_args(args, epochs=args.num_epochs)
+    loop = LoopConfig.from_args(args, epochs=args.num_epochs, per_device_batch=session.per_rank)
+    # The training images in order without augmentation (plain keys skip it): --precise_bn's batches.
+    bn_loader = build_loader(train_set, session.per_rank, runtime.dist, train=False, workers=args.workers)
     fit(run, loop, train_loader=train_loader, loss_fn=session.loss_fn, hooks=ISICHooks(session, model, val_loader, run),
-        train_metrics=SegmentationMetrics(device=runtime.device.device))  # fmt: skip
+        train_metrics=SegmentationMetrics(device=runtime.device.device), bn_loader=bn_loader)  # fmt: skip
     _finish_training(session, run, model, notes, skipped)
 
 

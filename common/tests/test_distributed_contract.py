@@ -4,8 +4,6 @@ under the HCCL checks of common.fakes.collectives)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,6 +18,7 @@ from common.errors import ConfigError
 from common.fakes import installed_torch_npu, overflow_in_backward
 from common.fakes.collectives import collective_checks
 from common.metrics import SegmentationMetrics
+from common.testing import run_ranks
 
 
 def npu(torch_device: str = "cpu") -> DeviceInfo:
@@ -224,19 +223,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_two_hccl_checked_ranks_agree_and_send_only_what_hccl_takes():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=180) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
+    results = run_ranks(_rank, 2, timeout=180)
     single = evaluate(
         _model(), _batches(2, seed=3), SegmentationMetrics(), _runtime(npu(), DistContext()),
         loss_fn=torch.nn.BCEWithLogitsLoss(),

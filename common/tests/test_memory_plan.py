@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from common.errors import ConfigError
 from common.fakes import installed_apex, installed_torch_npu, overflow_in_backward
 from common.losses import BCEDiceLoss
 from common.summary import SummaryTarget
+from common.testing import run_ranks
 from common.trainer import Hooks, LoopConfig, fit, plan_batch, prepare
 
 CPU = DeviceInfo(kind="cpu", index=0, name="cpu", backend="gloo")
@@ -318,19 +318,7 @@ def _ddp_rank(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_two_ddp_ranks_accumulating_micro_batches_equal_one_process_on_the_whole_batch():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=180) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
+    results = run_ranks(_ddp_rank, 2, timeout=180)
     single = _step(_plain_net(), _batch(8), 1)[3]
     for rank in (0, 1):
         got = results[rank]

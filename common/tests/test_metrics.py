@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from common.metrics import (
     hd95,
     per_image_scores,
 )
+from common.testing import run_ranks
 
 FILL = {"one": 1.0, "zero": 0.0, "nan": math.nan}
 
@@ -335,20 +335,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_reduce_over_two_gloo_processes_equals_single_process():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    results = run_ranks(_ddp_worker, 2, timeout=120)
     whole = _metrics_on(*_halves()).state_tensor()
     for rank in (0, 1):
         assert torch.equal(results[rank], whole)

@@ -101,8 +101,9 @@ def test_schedule_flags_accept_every_original_spelling():
         assert parser.parse_args(flags).val_interval == 3
     args = parser.parse_args(["--max_time=60", "--max_time_basis=cpu"])
     assert (args.time_limit, args.time_limit_basis) == (60.0, "cpu")
-    loop = LoopConfig.from_args(args, epochs=4)
+    loop = LoopConfig.from_args(args, epochs=4, per_device_batch=2)
     assert (loop.time_limit, loop.time_basis, loop.epochs) == (60.0, "cpu", 4)
+    assert (loop.precise_bn_batches, loop.precise_bn_compare) == (200, False)  # auto: on at a batch of 2
 
 
 # ---- StartPoint -------------------------------------------------------------------------------------

@@ -150,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             if result.epoch == args.crash_after_epoch:
                 raise SystemExit(17)
 
-    loop = LoopConfig.from_args(args, epochs=args.epochs)
-    fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=ToyHooks())
+    per_device = args.batch_size // runtime.dist.world_size
+    loop = LoopConfig.from_args(args, epochs=args.epochs, per_device_batch=per_device)
+    bn_loader = build_loader(train_set, per_device, runtime.dist, train=False)
+    fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=ToyHooks(), bn_loader=bn_loader)
     run.finish(run.history[-1]["dice_mean"] if run.history else None)
     if runtime.is_main and args.metrics_out:
         Path(args.metrics_out).write_text(json.dumps(run.history[-1]))
