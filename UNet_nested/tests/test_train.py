@@ -199,6 +199,9 @@ def test_winograd_convolutions_train_the_same_network(tmp_path, restore_determin
         "--deterministic",
         "--optimizer",
         "SGD",
+        # Statistics recomputed at full scale would compare Winograd's rounding at a larger magnitude than the
+        # two-step running averages this tolerance was set for; the weights are what this test compares.
+        "--precise_bn=off",
     ]
     assert train.main([*common, "--models_dir", str(tmp_path / "direct")]) == 0
     assert train.main([*common, "--models_dir", str(tmp_path / "wino"), "--conv_algo", "winograd"]) == 0

@@ -32,20 +32,21 @@ TWO_RANK_FOLDERS = ("UNet_nested", "UNet_mindspore", "VNet")
 _NOT_COPIED = ("output", "demo_data", "models", "work", "result", "tests", "__pycache__", "*.pth*", "*.onnx")
 
 # Per folder: the demo dataset, the CaseName's network, the global batch for 1 and 2 ranks, and the
-# pass-through flags that make a run a few steps on tiny inputs (the folders' own script tests use them).
-ISIC = ["--image_size=32", "--epochs=1", "--workers=0", "--max_steps=2"]
+# pass-through flags that make a run a few steps on tiny inputs (the folders' own script tests use them),
+# with one BatchNorm-recomputation batch (bf16 convolutions of the fake apex are slow on CPUs without bf16).
+ISIC = ["--image_size=32", "--epochs=1", "--workers=0", "--max_steps=2", "--precise_bn_batches=1"]
 CASES = {
     "AttU_Net": ("isic2018", "AttU_Net", 2, 4, ISIC),
     "R2U_Net": ("isic2018", "R2U_Net", 2, 4, ISIC),
-    "UNet_nested": ("dsb2018", "UNet", 4, 4, ["--input_w=32", "--input_h=32", "--workers=0", "--train_steps=2"]),
+    "UNet_nested": ("dsb2018", "UNet", 4, 4, ["--input_w=32", "--input_h=32", "--workers=0", "--train_steps=2", "--precise_bn_batches=1"]),
     "UNet_mindspore": (
         "isbi2012", "UNet_mindspore", 1, 2,
-        ["--epochs=1", "--image_size=188", "--workers=0", "--train_steps=2"],
+        ["--epochs=1", "--image_size=188", "--workers=0", "--train_steps=2", "--precise_bn_batches=1"],
     ),
     "VNet": (
         "luna16", "VNet", 2, 2,
         ["--epochs=1", "--vox_spacing=4", "--volume_size=32x32x32", "--patch_size=16x32x32", "--val_overlap=0",
-         "--samples_per_volume=1", "--workers=0", "--max_steps=2"],
+         "--samples_per_volume=1", "--workers=0", "--max_steps=2", "--precise_bn_batches=1"],
     ),
 }  # fmt: skip
 
