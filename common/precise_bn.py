@@ -67,6 +67,15 @@ def batchnorm_layers(model: torch.nn.Module) -> list[_BatchNorm]:
     return [m for m in unwrap_model(model).modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def _full_batches(loader: Iterable) -> int:
+    """Batches of the full size in an evaluation loader: its ragged last batch is left out (one image of a
+    1x1 bottleneck has no variance, and a smaller batch would weigh as much as a full one)."""
+    batch_size, sampler = getattr(loader, "batch_size", None), getattr(loader, "sampler", None)
+    if batch_size and sampler is not None and hasattr(sampler, "__len__"):
+        return len(sampler) // batch_size
+    return len(loader)  # type: ignore[arg-type]
+
+
 def recompute_bn_statistics(
     model: torch.nn.Module,
     loader: Iterable,
@@ -86,7 +95,7 @@ def recompute_bn_statistics(
     if not layers or batches < 1:
         return 0
     device = runtime.device.device
-    available = min(batches, len(loader))  # type: ignore[arg-type]
+    available = min(batches, _full_batches(loader))
     # Every rank takes as many batches as the shortest shard holds, so the rank average weighs batches equally.
     (neg,) = runtime.dist.reduce_scalars([-available], device, "max")
     used = int(-neg)

@@ -80,6 +80,19 @@ def test_only_the_first_batches_count_and_modes_and_momentum_come_back():
     assert all(layer.momentum == 0.1 for layer in precise_bn.batchnorm_layers(model))
 
 
+def test_the_ragged_last_batch_of_a_loader_is_left_out():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = torch.cat([x for x, _ in _batches(3, batch=2)])[:5]  # 5 images: batches of 2, 2 and 1
+    loader = DataLoader(TensorDataset(images, images), batch_size=2)
+    model, reference = _net(), _net()
+    used = precise_bn.recompute_bn_statistics(model, loader, _runtime(), batches=10, prepare_batch=to_device)
+    torch.optim.swa_utils.update_bn((images[i : i + 2] for i in (0, 2)), reference)
+    assert used == 2
+    for a, b in zip(_stats(model), _stats(reference)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_a_network_without_batchnorm_is_left_alone():
     model = nn.Conv2d(1, 1, 3)
     assert (
