@@ -330,15 +330,19 @@ def hd95_left_out(val: dict) -> str:
     return f"{int(val.get('hd95_excluded', 0))} of {int(val.get('n_images', 0))} images left out"
 
 
-def write_log_csv(path: Path, history: list[dict]) -> None:
-    """models/<name>/log.csv with the reference's columns (plus Dice and HD95), rewritten every epoch."""
+def write_csv(path: Path, header, rows) -> None:
+    """Write a CSV through a temporary file, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(LOG_COLUMNS)
-        for row in history:
-            writer.writerow([row.get(key, "") for key in LOG_COLUMNS.values()])
+        writer.writerow(header)
+        writer.writerows(rows)
     os.replace(tmp, path)
+
+
+def write_log_csv(path: Path, history: list[dict]) -> None:
+    """models/<name>/log.csv with the reference's columns (plus Dice and HD95), rewritten every epoch."""
+    write_csv(path, LOG_COLUMNS, ([row.get(key, "") for key in LOG_COLUMNS.values()] for row in history))
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -592,13 +596,8 @@ def evaluation_weights(args: argparse.Namespace) -> str | None:
 def write_scores(path: Path, ids: list[str], counts: list[tuple[int, int]]) -> None:
     """One row per scored image: id, |P n T|, |P u T|, IoU (at the network's input size)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "intersection", "union", "iou"])
-        for image_id, (inter, union) in zip(ids, counts):
-            writer.writerow([image_id, inter, union, f"{per_image_iou(inter, union):.6f}"])
-    os.replace(tmp, path)
+    rows = ([i, inter, union, f"{per_image_iou(inter, union):.6f}"] for i, (inter, union) in zip(ids, counts))
+    write_csv(path, ["id", "intersection", "union", "iou"], rows)
 
 
 def run_evaluation(args, runtime, start: StartPoint, val_loader, loss_fn, data: Data) -> int:

@@ -18,7 +18,7 @@ Log lines (shared/docs/modelzoo.md A.5, AttU_Net/R2U_Net rows), metrics as per-i
     [Validation] Acc: %.4f, SE: ..., SP: ..., PC: ..., F1: ..., JS: ..., DC: %.4f
 The printed Loss is the mean over the epoch's steps (the reference printed the sum). FPS is global
 images per second over the timed steps (after --warmup_steps). TrainAccuracy in the ModelZoo summary is
-the validation pixel accuracy of the best checkpoint, as in the seed tables; Dice, Jaccard, SE, SP, PC,
+the validation pixel accuracy of the best checkpoint, as the originals' tables report it; Dice, Jaccard, SE, SP, PC,
 F1 and HD95 of validation and test go into summary.json.
 """
 

@@ -127,7 +127,7 @@ def test_sparse_nan_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_many_short_epochs_on_two_ranks_do_not_grow_host_memory(tmp_path):
-    """Endurance: logging, caches, history and workers must not leak (issue 8)."""
+    """Endurance: logging, caches, history and workers must not leak host memory over many epochs."""
     rss = tmp_path / "rss"
     run_toy(
         "--epochs=40",
