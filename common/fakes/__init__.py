@@ -5,6 +5,8 @@ never imported by production code.
 * `installed_apex(flavour)`: the fake `apex.amp`, Ascend's or NVIDIA's.
 * `common.fakes.collectives.collective_checks(backend, device)`: HCCL/NCCL's argument checks around
   torch.distributed's collectives, for 2-rank gloo tests.
+* `convolutions_accumulating_in_float32()`: half-precision convolutions computed in float32 and rounded back,
+  so whole training runs in a half type run at float32 speed on CPUs without bf16 hardware.
 * `common/fakes/site/` (a folder for PYTHONPATH, not a package): its sitecustomize.py installs all of the
   above, and an "hccl" backend over gloo, in every process started with `MODELZOO_FAKE_NPU=<devices>`,
   so the real test/*.sh scripts run as on an Ascend node (common/tests/test_scripts_on_fake_npu.py).
@@ -27,7 +29,15 @@ import torch
 
 from .torch_npu._chip import CHIP, Chip, overflow_in_backward, raise_overflow
 
-__all__ = ["CHIP", "Chip", "installed_apex", "installed_torch_npu", "overflow_in_backward", "raise_overflow"]
+__all__ = [
+    "CHIP",
+    "Chip",
+    "convolutions_accumulating_in_float32",
+    "installed_apex",
+    "installed_torch_npu",
+    "overflow_in_backward",
+    "raise_overflow",
+]
 
 
 def _modules(package: str, real_name: str) -> dict[str, ModuleType]:
@@ -100,3 +110,47 @@ def installed_apex(
     modules["apex.amp._amp_state"].reset(flavour, half_dtype)
     with _in_sys_modules(modules):
         yield modules["apex.amp"]
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+_CONVOLUTIONS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+
+
+@contextlib.contextmanager
+def convolutions_accumulating_in_float32() -> Iterator[None]:
+    """Inside, `torch.nn.functional`'s convolutions with float16/bfloat16 inputs (outside autocast) compute in
+    float32 and round the result to the input's dtype; gradients reach the half-precision weights in their
+    own dtype.
+
+    This is what a device's matrix unit does with half inputs (products accumulated in float32, the output
+    rounded once), and on a CPU without bf16 hardware it is the difference between float32 speed and
+    emulated half kernels: bfloat16 3-D convolutions run about 40x slower than float32 ones on an AVX2-only
+    CPU, float16 ones slower still. nn.Conv*d look `F.conv*d` up at each call, so modules pick it up.
+    """
+    functional = torch.nn.functional
+    originals = {name: getattr(functional, name) for name in _CONVOLUTIONS}
+
+    def accumulating(convolution):
+        def convolve(input, weight, bias=None, *args, **kwargs):  # noqa: A002 - torch's own parameter name
+            half = input.dtype in (torch.float16, torch.bfloat16)
+            if not half or _autocast_on(input.device.type):
+                return convolution(input, weight, bias, *args, **kwargs)
+            bias32 = None if bias is None else bias.float()
+            return convolution(input.float(), weight.float(), bias32, *args, **kwargs).to(input.dtype)
+
+        convolve.__doc__ = convolution.__doc__
+        return convolve
+
+    for name, convolution in originals.items():
+        setattr(functional, name, accumulating(convolution))
+    try:
+        yield
+    finally:
+        for name, convolution in originals.items():
+            setattr(functional, name, convolution)

@@ -281,3 +281,29 @@ def test_collective_checks_refuse_before_the_collective_runs():
     with pytest.raises(ValueError, match="hccl"):
         with collective_checks("mpi"):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_convolutions_accumulate_in_float32_and_keep_their_dtypes_until_the_context_ends(dtype):
+    from common.fakes import convolutions_accumulating_in_float32
+
+    torch.manual_seed(0)
+    conv, up = (
+        torch.nn.Conv3d(2, 3, 3, padding=1).to(dtype),
+        torch.nn.ConvTranspose2d(2, 2, 2, stride=2).to(dtype),
+    )
+    x, x2 = torch.randn(1, 2, 4, 6, 6, dtype=dtype), torch.randn(1, 2, 3, 3, dtype=dtype)
+    original = torch.nn.functional.conv3d
+    with convolutions_accumulating_in_float32():
+        assert torch.nn.functional.conv3d is not original
+        out, out2 = conv(x), up(x2)
+        (out.float().sum() + out2.float().sum()).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps its own kernels
+            assert conv.float()(x.float()).dtype == torch.bfloat16
+    assert torch.nn.functional.conv3d is original
+    conv = conv.to(dtype)
+    expected = torch.nn.functional.conv3d(x.float(), conv.weight.float(), conv.bias.float(), padding=1).to(
+        dtype
+    )
+    assert out.dtype == out2.dtype == dtype and torch.equal(out, expected)
+    assert up.weight.grad.dtype == dtype and up.weight.grad.abs().sum() > 0

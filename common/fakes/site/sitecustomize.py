@@ -10,6 +10,9 @@ count, torchrun, each rank) sees the same node. Each piece stands for one real c
 * `apex.amp`: Ascend's apex (`initialize(..., combine_grad=True)`), `common.fakes.installed_apex("ascend")`,
   whose O2 casts models to bfloat16 where the NPU computes in float16: float16 convolutions on a CPU are
   emulated about 100x slower, and the casts, fp32 master weights and loss scaling are the same.
+* convolutions: half-precision inputs computed in float32 and rounded back
+  (`common.fakes.convolutions_accumulating_in_float32`), as the NPU's Cube unit accumulates half products in
+  float32; CPUs without bf16 hardware would otherwise emulate bfloat16 convolutions up to 40x slower.
 * `common.device.select_device`: the real one, whose NPU `DeviceInfo` then puts tensors where the fake
   NPU keeps them (the CPU); `torch.device("npu:0")` cannot hold a tensor without the real package.
 * the "hccl" process-group backend: registered as torch_npu/__init__.py (Ascend/pytorch) registers it,
@@ -91,7 +94,7 @@ def install(device_count: int) -> None:
 
     import torch
 
-    from common.fakes import installed_apex, installed_torch_npu
+    from common.fakes import convolutions_accumulating_in_float32, installed_apex, installed_torch_npu
     from common.fakes.collectives import collective_checks
 
     if "common.device" in sys.modules:
@@ -100,6 +103,7 @@ def install(device_count: int) -> None:
     stack.enter_context(installed_torch_npu(support_inf_nan=False, device_count=device_count))
     stack.enter_context(installed_apex("ascend", half_dtype=torch.bfloat16))
     stack.enter_context(collective_checks("hccl", "cpu"))
+    stack.enter_context(convolutions_accumulating_in_float32())
     _register_hccl()
     sys.meta_path.insert(0, _WrapSelectDevice())
     _INSTALLED.append(stack)
