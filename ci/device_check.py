@@ -549,12 +549,12 @@ def count_devices() -> tuple[int, str]:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
     }
-    count = subprocess.run([sys.executable, "-m", "common.device", "--count"], cwd=ROOT, env=env,
+    count = subprocess.run([sys.executable, "-m", "common.device_count"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     lines = count.stdout.strip().splitlines()
     if count.returncode != 0 or not lines or not lines[-1].isdigit():
         raise ConfigError(
-            f"python -m common.device --count failed: {(count.stderr or count.stdout).strip()[-300:]}"
+            f"python -m common.device_count failed: {(count.stderr or count.stdout).strip()[-300:]}"
         )
     describe = subprocess.run([sys.executable, "-m", "common.device"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -679,7 +679,7 @@ def _run_all(
     devices, device = count_devices()
     if devices == 0 and not args.allow_cpu:
         raise ConfigError(
-            "no NPU or GPU is visible (python -m common.device --count prints 0): run the check on a machine "
+            "no NPU or GPU is visible (python -m common.device_count prints 0): run the check on a machine "
             "with one, or plan it only with --dry-run"
         )
     owned = args.work_dir is None

@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", action="store_true", help="print the number of NPUs, else CUDA GPUs")
     args = parser.parse_args(argv)
     if args.count:
-        print(device_count("npu") or device_count("cuda"))
+        from common.device_count import count
+
+        print(count())
     else:
         print(select_device("auto").describe())
     return 0

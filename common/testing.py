@@ -91,14 +91,14 @@ def child_env(threads: int | None = 1, **extra: str) -> dict[str, str]:
 
 
 def fake_device_python(folder: Path, devices: int) -> Path:
-    """A `PYTHON` for common/scripts/modelzoo.sh whose `-m common.device --count` reports `devices`
+    """A `PYTHON` for common/scripts/modelzoo.sh whose `-m common.device_count` reports `devices`
     accelerators; every other command goes to the real interpreter."""
     import sys
 
     fake = Path(folder) / "python_with_fake_devices"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        f'if [ "$1 $2 $3" = "-m common.device --count" ]; then echo {int(devices)}; exit 0; fi\n'
+        f'if [ "$1 $2" = "-m common.device_count" ]; then echo {int(devices)}; exit 0; fi\n'
         f'exec "{sys.executable}" "$@"\n'
     )
     fake.chmod(0o755)

@@ -30,7 +30,7 @@ unet_demo_data() {
 # Fills DEMO_FLAGS: on a machine without NPU/GPU, a CPU-sized demo run (later flags override it).
 unet_demo_flags() {
     local count
-    count=$("$PYTHON" -m common.device --count 2>/dev/null | tail -n 1)
+    count=$("$PYTHON" -m common.device_count 2>/dev/null | tail -n 1)
     DEMO_FLAGS=()
     if [ "${count:-0}" = 0 ]; then
         DEMO_FLAGS=(--image_size=188 --train_steps=3 --warmup_steps=1 --workers=0)

@@ -11,7 +11,7 @@ train_command() {
     [ -n "$workers" ] && CMD+=(--workers="$workers")
     [ -n "$pth_path" ] && CMD+=(--resume="$pth_path")
     if [ -z "${accelerators+set}" ]; then # modelzoo_main's count of NPUs/GPUs, else our own
-        accelerators=$("${PYTHON:-python3}" -m common.device --count 2>/dev/null | tail -n 1)
+        accelerators=$("${PYTHON:-python3}" -m common.device_count 2>/dev/null | tail -n 1)
     fi
     if [ "$mode" = perf ] && [ "${accelerators:-0}" = 0 ]; then
         # Without NPU/GPU a performance case is a smoke run; flags given to the script override these.

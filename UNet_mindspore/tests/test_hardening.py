@@ -433,7 +433,7 @@ def test_cpu_only_machine_falls_back_to_gloo_ranks(tmp_path, demo, scripts, no_t
 
 
 def test_test_script_refuses_more_ranks_than_accelerators(tmp_path, demo):
-    """common/scripts/modelzoo.sh's check, with `python -m common.device --count` faked to say 2."""
+    """common/scripts/modelzoo.sh's check, with `python -m common.device_count` faked to say 2."""
     env = child_env(threads=None, PYTHON=str(fake_device_python(tmp_path, 2)), RANK_SIZE="8")
     proc = subprocess.run(["bash", "test/train_full_8p.sh", f"--data_path={demo}"], cwd=FOLDER, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -412,7 +412,7 @@ def test_preprocess_flags(tmp_path, capsys):
 
 def test_more_ranks_than_devices_is_refused_by_the_script(tmp_path):
     """`RANK_SIZE=8 bash test/train_full_8p.sh` on a node that reports 2 devices (a fake `python -m
-    common.device --count`): the shell library refuses before launching anything."""
+    common.device_count`): the shell library refuses before launching anything."""
     copy = tmp_path / "repo" / FOLDER.name
     (copy / "test").mkdir(parents=True)
     (tmp_path / "repo" / "common").symlink_to(REPO / "common", target_is_directory=True)

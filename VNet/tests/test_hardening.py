@@ -414,7 +414,7 @@ def test_normalize_flags_state_the_rule(tmp_path, capsys, flags, fragments):
 
 def test_more_ranks_than_devices_is_refused_by_the_script(tmp_path):
     """`RANK_SIZE=8 bash test/train_full_8p.sh` on a node that reports 2 devices (a fake `python -m
-    common.device --count`): the shell library refuses before launching anything. (On a CPU-only node the
+    common.device_count`): the shell library refuses before launching anything. (On a CPU-only node the
     documented fallback runs gloo ranks: test_train.py runs the 8p script with two.)"""
     copy = tmp_path / "repo" / FOLDER.name
     (copy / "test").mkdir(parents=True)

@@ -248,7 +248,7 @@ modelzoo_main() {
 
     # Ranks versus devices.
     local accelerators
-    accelerators=$("$PYTHON" -m common.device --count 2>/dev/null | tail -n 1)
+    accelerators=$("$PYTHON" -m common.device_count 2>/dev/null | tail -n 1)
     modelzoo_is_int "$accelerators" || accelerators=0
     if [ "$accelerators" -gt 0 ] && [ "$RANK_SIZE" -gt "$accelerators" ]; then
         modelzoo_die "RANK_SIZE=$RANK_SIZE ranks asked for on a node with $accelerators accelerator(s); run RANK_SIZE=$accelerators bash test/$(basename "$0") ..."

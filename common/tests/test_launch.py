@@ -1,6 +1,6 @@
 """The launch path of common/scripts/modelzoo.sh and common/launch_rank.py on NPU nodes and several nodes.
 
-Small fakes stand in for what cannot run here: a `PYTHON` whose `-m common.device --count` reports the
+Small fakes stand in for what cannot run here: a `PYTHON` whose `-m common.device_count` reports the
 devices an env_npu.sh stand-in made visible, a torchrun that starts one node's ranks (or records its
 command), a `dmesg`, and a training script that records its flags, writes rank 0's summary or kills
 itself with SIGKILL. Each case is a few seconds.
@@ -107,7 +107,7 @@ def fakes(tmp_path) -> dict[str, Path]:
     python = _executable(
         tools / "python",
         "#!/usr/bin/env bash\n"
-        'if [ "$1 $2 $3" = "-m common.device --count" ]; then echo "${FAKE_DEVICES:-0}"; exit 0; fi\n'
+        'if [ "$1 $2" = "-m common.device_count" ]; then echo "${FAKE_DEVICES:-0}"; exit 0; fi\n'
         'if [ "$1 $2" = "-m torch.distributed.run" ] && [ "${FAKE_TORCHRUN:-}" != real ]; then\n'
         f'    shift 2; exec "{sys.executable}" "{torchrun}" "$@"\n'
         "fi\n"

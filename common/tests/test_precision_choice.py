@@ -362,7 +362,7 @@ def _script_argv(tmp_path: Path, devices: int, *args: str) -> list[str]:
     python = tmp_path / "python"
     python.write_text(
         "#!/usr/bin/env bash\n"
-        f'if [ "$1 $2 $3" = "-m common.device --count" ]; then echo {devices}; exit 0; fi\n'
+        f'if [ "$1 $2" = "-m common.device_count" ]; then echo {devices}; exit 0; fi\n'
         f'exec "{sys.executable}" "$@"\n'
     )
     case = tmp_path / "case"
