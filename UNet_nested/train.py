@@ -56,7 +56,7 @@ from common.datacheck import SKIPPED_LIST, BadSample, skipped_count, skipped_not
 from common.demo_data import MARKER as DEMO_MARKER
 from common.engine import StepInfo, TrainingRun, evaluate
 from common.errors import CheckpointError, ConfigError, DataError
-from common.loader import build_loader, per_rank_batch
+from common.loader import build_loader, build_statistics_loader, per_rank_batch
 from common.losses import DeepSupervisionLoss, build_loss
 from common.metrics import SegmentationMetrics
 from common.registry import get_model_builder, list_models
@@ -549,7 +549,7 @@ def run_training(args, runtime, start: StartPoint, loss_fn, train_loader, val_lo
     run.start(start)
     print_config(runtime, config, data.save_dir / "config.json")
     hooks = NestedHooks(args, runtime, model, val_loader, loss_fn, data, run)
-    bn_loader = build_loader(data.bn_set, batch, runtime.dist, train=False, workers=0)
+    bn_loader = build_statistics_loader(data.bn_set, batch, runtime.dist, seed=args.seed)
     fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=hooks, train_metrics=TrainIoU(),
         bn_loader=bn_loader)  # fmt: skip
     accuracy = 100.0 * run.best_value if run.best_value is not None else None

@@ -69,7 +69,7 @@ from common.datacheck import (
 from common.demo_data import MARKER as DEMO_MARKER
 from common.engine import StepInfo, TrainingRun, evaluate
 from common.errors import ConfigError, DataError
-from common.loader import build_loader
+from common.loader import build_loader, build_statistics_loader
 from common.losses import CrossEntropyLoss, TwoClassDiceLoss
 from common.metrics import SegmentationMetrics
 from common.summary import SummaryTarget
@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     # Patches grouped by volume: a mapped volume serves several patches in a row.
     train_loader = patch_loader(train_set, args.batchSz, dist, workers=args.workers, seed=args.seed)
     val_loader = build_loader(val_set, 1, dist, train=False, workers=0)
-    # --precise_bn's batches: training volumes' patches from a fixed grid, in order, never mirrored.
-    bn_loader = build_loader(train_set, args.batchSz, dist, train=False, workers=0)
+    # --precise_bn's batches: training volumes' patches from a fixed grid, never mirrored.
+    bn_loader = build_statistics_loader(train_set, args.batchSz, dist, seed=args.seed)
 
     # ---- model, loss, optimisation --------------------------------------------------------------------
     model = VNet(elu=args.elu, nll=True, skip_dropout=not args.no_skip_dropout,

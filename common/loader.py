@@ -141,6 +141,39 @@ def build_loader(
     else:
         sampler = ShardedSampler(len(dataset), ctx.rank, ctx.world_size)
         drop_last = False
+    return _data_loader(dataset, batch_size, sampler, workers, pin_memory, drop_last, seed)
+
+
+def build_statistics_loader(
+    dataset: Dataset, batch_size: int, ctx: DistContext, *, workers: int = 0, seed: int = 0
+) -> DataLoader:
+    """Batches for recomputing BatchNorm statistics (`common.precise_bn`): composed like training batches
+    (shuffled, full batches of the training size, an equal count on every rank) but of plain indices, so
+    a `SeededDataset` leaves them unaugmented. The order is fixed by `seed`: every validation sees the
+    same batches.
+
+    Shuffled, not in file order: neighbouring ids often share a source (ISIC's ids run by contributing
+    clinic, DSB's by imaging type), so in-order batches are more alike than training batches and their
+    average within-batch variance underestimates the variance BatchNorm normalised by in training.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
+    )
+    accelerator = ctx.device is not None and torch.device(ctx.device).type != "cpu"
+    return _data_loader(dataset, batch_size, sampler, workers, accelerator, True, seed)
+
+
+def _data_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: Sampler,
+    workers: int,
+    pin_memory: bool,
+    drop_last: bool,
+    seed: int,
+) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(

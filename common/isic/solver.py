@@ -51,7 +51,7 @@ from common.errors import ConfigError
 from common.isic.dataset import ISICDataset, build_split, check_image_size
 from common.isic.losscurve import CURVE_KEYS, split_hash, write_curve
 from common.isic.prepare import DEFAULT_SPLIT_SEED, prepared_skips, resolve_data_path
-from common.loader import build_loader, per_rank_batch
+from common.loader import build_loader, build_statistics_loader, per_rank_batch
 from common.losses import build_loss
 from common.metrics import SegmentationMetrics
 from common.registry import get_model_builder
@@ -392,8 +392,9 @@ def run_train(args: argparse.Namespace, runtime: Runtime, start: StartPoint) -> 
                       config=config, selection_key="score", target=target, plot_metric="dice_mean")  # fmt: skip
     run.start(start)
     loop = LoopConfig.from_args(args, epochs=args.num_epochs, per_device_batch=session.per_rank)
-    # The training images in order without augmentation (plain keys skip it): --precise_bn's batches.
-    bn_loader = build_loader(train_set, session.per_rank, runtime.dist, train=False, workers=args.workers)
+    # --precise_bn's batches: the training images without augmentation (plain keys skip it).
+    bn_loader = build_statistics_loader(train_set, session.per_rank, runtime.dist, workers=args.workers,
+                                        seed=args.seed)  # fmt: skip
     fit(run, loop, train_loader=train_loader, loss_fn=session.loss_fn, hooks=ISICHooks(session, model, val_loader, run),
         train_metrics=SegmentationMetrics(device=runtime.device.device), bn_loader=bn_loader)  # fmt: skip
     _finish_training(session, run, model, notes, skipped)

@@ -219,3 +219,31 @@ def test_two_ranks_hold_the_statistics_one_process_computes_over_both_shards():
     for a, b, c in zip(results[0]["stats"], results[1]["stats"], _stats(single)):
         assert a == b  # every rank holds the same statistics
         torch.testing.assert_close(torch.tensor(a), c, rtol=1e-5, atol=1e-5)
+
+
+class _Keys(torch.utils.data.Dataset):
+    """A SeededDataset-like set that returns the key it was given (a tuple would mean augmentation)."""
+
+    def __len__(self) -> int:
+        return 11
+
+    def __getitem__(self, key):
+        assert not isinstance(key, tuple), "statistics batches must not be augmented"
+        return torch.tensor(key)
+
+
+def test_statistics_batches_are_shuffled_full_unaugmented_and_equal_in_number_on_every_rank():
+    from common.loader import build_statistics_loader
+
+    def batches(rank: int, world: int, seed: int = 0) -> list[list[int]]:
+        ctx = DistContext(rank=rank, world_size=world, backend="gloo")
+        return [b.tolist() for b in build_statistics_loader(_Keys(), 2, ctx, seed=seed)]
+
+    one = batches(0, 1)
+    assert len(one) == 5 and all(len(b) == 2 for b in one)  # 11 images: five full batches of two
+    assert sorted(i for b in one for i in b) != [i for b in one for i in b]  # not in file order
+    assert batches(0, 1) == one and batches(0, 1, seed=1) != one  # fixed by the seed
+    ranks = [batches(r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # 5 per rank: two full batches each
+    seen = [i for shard in ranks for b in shard for i in b]
+    assert len(seen) == len(set(seen)) == 8

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from common.cli import add_common_args, add_schedule_args, describe_config, print_config, setup_runtime  # noqa: E402
 from common.engine import TrainingRun, evaluate  # noqa: E402
-from common.loader import SeededDataset, build_loader  # noqa: E402
+from common.loader import SeededDataset, build_loader, build_statistics_loader  # noqa: E402
 from common.losses import build_loss  # noqa: E402
 from common.metrics import SegmentationMetrics  # noqa: E402
 from common.summary import SummaryTarget  # noqa: E402
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     per_device = args.batch_size // runtime.dist.world_size
     loop = LoopConfig.from_args(args, epochs=args.epochs, per_device_batch=per_device)
-    bn_loader = build_loader(train_set, per_device, runtime.dist, train=False)
+    bn_loader = build_statistics_loader(train_set, per_device, runtime.dist, seed=args.seed)
     fit(run, loop, train_loader=train_loader, loss_fn=loss_fn, hooks=ToyHooks(), bn_loader=bn_loader)
     run.finish(run.history[-1]["dice_mean"] if run.history else None)
     if runtime.is_main and args.metrics_out:
