@@ -145,12 +145,12 @@ def build_loader(
 
 
 def build_statistics_loader(
-    dataset: Dataset, batch_size: int, ctx: DistContext, *, workers: int = 0, seed: int = 0
+    dataset: Dataset, batch_size: int, ctx: DistContext, *, workers: int | None = 0, seed: int = 0
 ) -> DataLoader:
     """Batches for recomputing BatchNorm statistics (`common.precise_bn`): composed like training batches
     (shuffled, full batches of the training size, an equal count on every rank) but of plain indices, so
     a `SeededDataset` leaves them unaugmented. The order is fixed by `seed`: every validation sees the
-    same batches.
+    same batches. `workers` None: `auto_workers`.
 
     Shuffled, not in file order: neighbouring ids often share a source (ISIC's ids run by contributing
     clinic, DSB's by imaging type), so in-order batches are more alike than training batches and their
@@ -162,6 +162,8 @@ def build_statistics_loader(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
     )
     accelerator = ctx.device is not None and torch.device(ctx.device).type != "cpu"
+    if workers is None:
+        workers = auto_workers(accelerator, ctx.local_world_size)
     return _data_loader(dataset, batch_size, sampler, workers, accelerator, True, seed)
 
 

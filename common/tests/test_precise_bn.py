@@ -235,14 +235,15 @@ class _Keys(torch.utils.data.Dataset):
 def test_statistics_batches_are_shuffled_full_unaugmented_and_equal_in_number_on_every_rank():
     from common.loader import build_statistics_loader
 
-    def batches(rank: int, world: int, seed: int = 0) -> list[list[int]]:
+    def batches(rank: int, world: int, seed: int = 0, workers: int | None = 0) -> list[list[int]]:
         ctx = DistContext(rank=rank, world_size=world, backend="gloo")
-        return [b.tolist() for b in build_statistics_loader(_Keys(), 2, ctx, seed=seed)]
+        return [b.tolist() for b in build_statistics_loader(_Keys(), 2, ctx, seed=seed, workers=workers)]
 
     one = batches(0, 1)
     assert len(one) == 5 and all(len(b) == 2 for b in one)  # 11 images: five full batches of two
     assert sorted(i for b in one for i in b) != [i for b in one for i in b]  # not in file order
     assert batches(0, 1) == one and batches(0, 1, seed=1) != one  # fixed by the seed
+    assert batches(0, 1, workers=None) == one  # workers chosen as for the other loaders
     ranks = [batches(r, 2) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 2  # 5 per rank: two full batches each
     seen = [i for shard in ranks for b in shard for i in b]
