@@ -566,7 +566,7 @@ def test_a_split_file_of_other_data_is_refused(demo, tmp_path, monkeypatch, caps
 def _fake_python(tmp_path: Path, devices: int) -> Path:
     """A PYTHON for the shell library that reports `devices` accelerators and runs nothing else."""
     fake = tmp_path / "fake_python"
-    fake.write_text(f'#!/usr/bin/env bash\nif [ "$2" = common.device ]; then echo {devices}; exit 0; fi\n'
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$2" = common.device_count ]; then echo {devices}; exit 0; fi\n'
                     'echo "fake python: would run $*"; exit 0\n')  # fmt: skip
     fake.chmod(0o755)
     return fake
