@@ -36,6 +36,15 @@ import torch
 from common.device import DeviceInfo
 from common.errors import ConfigError, TrainingDiverged
 
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for `device_type` here, on every torch this project supports."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 
 

@@ -116,7 +116,7 @@ def build_loader(
     group's device is an accelerator, so the step's `non_blocking` copies really overlap (from pageable
     memory CUDA and NPU copy synchronously).
     """
-    accelerator = ctx.device is not None and torch.device(ctx.device).type != "cpu"
+    accelerator = _on_accelerator(ctx)
     if workers is None:
         workers = auto_workers(accelerator, ctx.local_world_size)
     if pin_memory is None:
@@ -161,10 +161,14 @@ def build_statistics_loader(
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
     )
-    accelerator = ctx.device is not None and torch.device(ctx.device).type != "cpu"
+    accelerator = _on_accelerator(ctx)
     if workers is None:
         workers = auto_workers(accelerator, ctx.local_world_size)
     return _data_loader(dataset, batch_size, sampler, workers, accelerator, True, seed)
+
+
+def _on_accelerator(ctx: DistContext) -> bool:
+    return ctx.device is not None and torch.device(ctx.device).type != "cpu"
 
 
 def _data_loader(

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from common.amp import autocast_enabled
+
 ALGOS = ("direct", "winograd", "auto")
 
 # F(4x4, 3x3) with interpolation points 0, +-1, +-2, infinity (Lavin & Gray, section 4.2).
@@ -241,13 +243,6 @@ def _choose(x: torch.Tensor, weight: torch.Tensor, padding: int, repeats: int = 
     return _decisions[key]
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
@@ -273,7 +268,7 @@ class SelectableConv2d(nn.Conv2d):
             or input.dtype not in (torch.float32, torch.float64)
             or input.dim() != 4
             or min(input.shape[2:]) + 2 * padding < 3
-            or _autocast_on()
+            or autocast_enabled("cpu")
         ):
             return super()._conv_forward(input, weight, bias)
         if algo == "auto":

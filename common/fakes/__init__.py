@@ -112,13 +112,6 @@ def installed_apex(
         yield modules["apex.amp"]
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
 _CONVOLUTIONS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
@@ -138,8 +131,11 @@ def convolutions_accumulating_in_float32() -> Iterator[None]:
 
     def accumulating(convolution):
         def convolve(input, weight, bias=None, *args, **kwargs):  # noqa: A002 - torch's own parameter name
+            # Imported here: the fake-NPU site module installs this before common.device may be imported.
+            from common.amp import autocast_enabled
+
             half = input.dtype in (torch.float16, torch.bfloat16)
-            if not half or _autocast_on(input.device.type):
+            if not half or autocast_enabled(input.device.type):
                 return convolution(input, weight, bias, *args, **kwargs)
             bias32 = None if bias is None else bias.float()
             return convolution(input.float(), weight.float(), bias32, *args, **kwargs).to(input.dtype)
