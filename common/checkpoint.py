@@ -256,10 +256,22 @@ def load_weights(
             f"{name} does not fit {type(target).__name__}: "
             + "; ".join(problems)
             + ". Is it a checkpoint of "
-            "another model, or of another --img_ch/--output_ch/--num_classes setting?"
+            "another model, or of another --img_ch/--output_ch/--num_classes setting?" + _written_by(obj)
         )
     target.load_state_dict(state, strict=strict)
     return missing, unexpected
+
+
+def _written_by(obj: Any) -> str:
+    """What a training checkpoint says of the run that wrote it (its command, else its arch), for errors."""
+    if not isinstance(obj, Mapping):
+        return ""
+    config = obj.get("config")
+    command = config.get("command") if isinstance(config, Mapping) else None
+    if isinstance(command, str) and command:
+        return f" It was written by `{command}`: evaluate it with the same model flags."
+    arch = obj.get("arch")
+    return f" It holds a {arch}." if isinstance(arch, str) and arch else ""
 
 
 def _device_rng_module(kind: str):

@@ -275,6 +275,22 @@ def test_load_weights_handles_prefixes_and_names_mismatches():
         ckpt.load_weights(bigger, model.state_dict())
 
 
+def test_a_checkpoint_that_does_not_fit_names_the_command_or_model_that_wrote_it():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    bigger = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(1, 1))
+    command = "train.py --arch=NestedUNet --deep_supervision=True"
+    state = {"state_dict": model.state_dict(), "arch": "NestedUNet", "config": {"command": command}}
+    with pytest.raises(CheckpointError, match=f"It was written by `{command}`: evaluate it with the same"):
+        ckpt.load_weights(bigger, state, name="best.pth.tar")
+    with pytest.raises(
+        CheckpointError,
+        match=r"another --img_ch/--output_ch/--num_classes setting\? It holds a NestedUNet\.$",
+    ):
+        ckpt.load_weights(bigger, {"state_dict": model.state_dict(), "arch": "NestedUNet"})
+    with pytest.raises(CheckpointError, match=r"--num_classes setting\?$"):
+        ckpt.load_weights(bigger, model.state_dict())
+
+
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     state = ckpt.rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
