@@ -269,7 +269,7 @@ def _written_by(obj: Any) -> str:
     config = obj.get("config")
     command = config.get("command") if isinstance(config, Mapping) else None
     if isinstance(command, str) and command:
-        return f" It was written by `{command}`: evaluate it with the same model flags."
+        return f" It was written by `{command}`: load it with the same model flags."
     arch = obj.get("arch")
     return f" It holds a {arch}." if isinstance(arch, str) and arch else ""
 

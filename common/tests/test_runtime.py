@@ -280,7 +280,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_command_or_model_that_wrote_it
     bigger = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(1, 1))
     command = "train.py --arch=NestedUNet --deep_supervision=True"
     state = {"state_dict": model.state_dict(), "arch": "NestedUNet", "config": {"command": command}}
-    with pytest.raises(CheckpointError, match=f"It was written by `{command}`: evaluate it with the same"):
+    with pytest.raises(CheckpointError, match=f"It was written by `{command}`: load it with the same"):
         ckpt.load_weights(bigger, state, name="best.pth.tar")
     with pytest.raises(
         CheckpointError,
