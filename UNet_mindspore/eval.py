@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     image_size, out_size, fold = cfg["image_size"], output_size(cfg["image_size"]), cfg["cross_valid_ind"]
     model = UNetMedical(n_channels=1, n_classes=cfg["num_classes"])
     load_weights(model, state, name=str(args.ckpt_path))
+    runtime.amp.follow(state)
     state = None
     model.to(runtime.device.device).eval()
     _, val_set = create_dataset(data, fold, image_size, cfg["num_classes"], pad_mode=cfg["pad_mode"])

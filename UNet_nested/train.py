@@ -608,6 +608,7 @@ def run_evaluation(args, runtime, start: StartPoint, val_loader, loss_fn, data: 
             raise _missing_for_evaluation(path)
         start = StartPoint.read(init=path, init_flag="--resume")
     model = build_model(args)
+    runtime.amp.follow(start.init_state)
     start.load_weights(model)
     model.to(runtime.device.device)
     scored = "every image" if args.eval_split == "all" else "the validation split"

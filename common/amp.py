@@ -29,7 +29,7 @@ import copy
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -436,6 +436,17 @@ class MixedPrecision:
             set_rng_state(rng)
         runtime.print(f"Precision: {self.note}")
 
+    def follow(self, checkpoint: Any) -> None:
+        """`--amp=auto` on the CPU in a run that scores or resumes a checkpoint: the precision its run chose
+        (`state_dict()["precision"]` under the checkpoint's "amp"), so an evaluation repeats the scores of that
+        run's own validation and a resumed run goes on as it trained. Untimed otherwise."""
+        amp_state = checkpoint.get("amp") if isinstance(checkpoint, Mapping) else None
+        precision = amp_state.get("precision") if isinstance(amp_state, Mapping) else None
+        if self.pending and precision in ("fp32", "bf16"):
+            self._use(precision)
+            self.pending = False
+            self.note = f"--amp=auto: {precision}, as the run that wrote the checkpoint chose"
+
     def _use(self, precision: str) -> None:
         """Switch between fp32 and bf16 autocast (the CPU's choice; neither has a scaler)."""
         self.backend, self.dtype = ("torch", torch.bfloat16) if precision == "bf16" else ("none", None)
@@ -596,6 +607,10 @@ class MixedPrecision:
 
     def state_dict(self) -> dict:
         state = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+        if not self.pending:  # what this run trains in, for `follow`
+            state["precision"] = (
+                "fp32" if not self.enabled else "bf16" if self.dtype == torch.bfloat16 else "fp16"
+            )
         if self.backend == "apex":
             state["apex"] = self._apex.state_dict()
         elif self._scaler is not None:
@@ -603,6 +618,7 @@ class MixedPrecision:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.follow({"amp": state})  # a resumed --amp=auto run keeps the precision it was timed to
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         if self.backend == "apex" and "apex" in state:

@@ -90,8 +90,9 @@ def test_performance_1p_attu_net_then_test_predict_and_export_its_checkpoint(dem
     assert (models / "AttU_Net" / "model_best.pth.tar").exists()
 
     common = ["--image_size", "32", "--model_path", str(models)]
+    # --amp=auto as the scripts pass it on a CPU: the test follows the precision the training run chose
     proc = run([sys.executable, "main.py", "--mode", "test", "--data_path", str(demo), "--workers", "0",
-                "--result_path", str(tmp_path / "result"), *common], cache)  # fmt: skip
+                "--amp=auto", "--result_path", str(tmp_path / "result"), *common], cache)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith("[Test]")][-1] == final_test
     proc = run([sys.executable, "predict.py", "--input", str(demo / "ISIC2018_Task1-2_Training_Input"),

@@ -82,8 +82,9 @@ def test_r2attu_net_pipeline_on_two_ranks_then_test_predict_export(demo, cache, 
     ][-1]
 
     common = ["--image_size", "32", "--model_path", str(models)]
+    # --amp=auto as the scripts pass it on a CPU: the test follows the precision the training run chose
     proc = run([sys.executable, "main.py", "--mode", "test", "--data_path", str(demo), "--workers", "0",
-                "--result_path", str(tmp_path / "tested"), *common], cache)  # fmt: skip
+                "--amp=auto", "--result_path", str(tmp_path / "tested"), *common], cache)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     # One process scoring the checkpoint agrees with what the two ranks reported for it.
     assert [x for x in proc.stdout.splitlines() if x.startswith("[Test]")][-1] == final_test

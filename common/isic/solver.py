@@ -466,6 +466,7 @@ def run_test(args: argparse.Namespace, runtime: Runtime) -> None:
     notes, skipped = session.report_skipped(session.result_dir)
     model = session.network()
     load_weights(model, state, name=str(weights))
+    runtime.amp.follow(state)
     model.to(runtime.device.device)
     best_epoch = state.get("best_epoch") if isinstance(state, dict) else None
     stored = state.get("config") if isinstance(state, dict) else None

@@ -197,6 +197,35 @@ def test_every_rank_decides_on_the_agreed_times(monkeypatch):
     assert not amp.enabled
 
 
+@pytest.mark.parametrize("fp32, bf16, chosen", [(1.0, 0.6, "bf16"), (0.6, 1.0, "fp32")])
+def test_a_checkpoint_carries_the_timed_choice_to_its_evaluation_and_its_resume(
+    monkeypatch, fp32, bf16, chosen
+):
+    _cpu_with_bf16(monkeypatch, True)
+    trained = MixedPrecision(CPU, enabled="auto")
+    assert "precision" not in trained.state_dict()  # nothing chosen yet
+    clock = FakeClock(trained, fp32, bf16)
+    trained.choose_by_timing(clock.step, clock=clock)
+    checkpoint = {"state_dict": {}, "amp": trained.state_dict()}
+    assert checkpoint["amp"]["precision"] == chosen
+
+    evaluation = MixedPrecision(CPU, enabled="auto")
+    evaluation.follow(checkpoint)
+    assert not evaluation.pending and (evaluation.dtype == torch.bfloat16) == (chosen == "bf16")
+    assert f"--amp=auto: {chosen}, as the run that wrote the checkpoint chose" in evaluation.describe()
+    resumed = MixedPrecision(CPU, enabled="auto")
+    resumed.load_state_dict(checkpoint["amp"])
+    assert not resumed.pending and resumed.amp_type == trained.amp_type
+
+    untimed = MixedPrecision(CPU, enabled="auto")  # a checkpoint without the choice, or bare weights
+    for other in ({"amp": {"skipped_steps": 0}}, {"state_dict": {}}, None):
+        untimed.follow(other)
+    assert untimed.pending
+    explicit = MixedPrecision(CPU, enabled=False)  # --amp off (or O0) is never overridden
+    explicit.follow(checkpoint)
+    assert not explicit.enabled and not explicit.pending
+
+
 def _tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 1))
