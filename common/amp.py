@@ -11,6 +11,7 @@ The ModelZoo flags (`--amp`, `--opt-level O0..O3`, `--loss-scale dynamic|<number
 * `--amp=auto`: on an accelerator the same as `--amp`; on the CPU bf16 only where the CPU has bf16
   instructions (AVX512-BF16, AMX, Arm BF16) and timing a few training steps of the real model says bf16
   is faster (`choose_by_timing`, before the first epoch), else fp32. `--deterministic` keeps fp32 there.
+  The choice is saved with the checkpoint: evaluating or resuming it uses the same (`follow`).
 * O0, or no `--amp`: fp32.
 
 Every path skips a step whose gradients are not finite instead of applying it, counts it, and raises

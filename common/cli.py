@@ -120,7 +120,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, seed: int = 1, workers: 
     group.add_argument(
         "--amp", dest="amp", nargs="?", const=True, default=False, type=amp_value,
         help="mixed precision training; --amp=auto: the same on an accelerator, on the CPU bf16 only where "
-        "the CPU has bf16 instructions and timing the model's first steps finds it faster (else fp32)",
+        "the CPU has bf16 instructions and timing the model's first steps finds it faster (else fp32); "
+        "evaluating or resuming a checkpoint uses what its run chose",
     )  # fmt: skip
     group.add_argument("--no-amp", "--no_amp", dest="amp", action="store_false", help="fp32 training")
     group.add_argument(
