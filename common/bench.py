@@ -243,8 +243,10 @@ def run_benchmark(
     dev = device.device
     model = factory(**kwargs).to(dev)
     params = sum(p.numel() for p in model.parameters())
+    # channels_last for (C, H, W) inputs, channels_last_3d for (C, D, H, W), as the trainers' --channels_last
+    layouts = {3: torch.channels_last, 4: torch.channels_last_3d}
     memory_format = (
-        torch.channels_last if channels_last and len(input_shape) == 3 else torch.contiguous_format
+        layouts.get(len(input_shape), torch.contiguous_format) if channels_last else torch.contiguous_format
     )
     model = model.to(memory_format=memory_format)
     # The trainers' own mixed precision and step (common.engine.train_step), so the benchmark times what
@@ -311,7 +313,7 @@ def run_benchmark(
         batch=batch,
         input_shape=list(input_shape),
         precision=precision,
-        channels_last=memory_format == torch.channels_last,
+        channels_last=memory_format != torch.contiguous_format,
         compile=compile_model,
         conv_algo=conv_algo,
         train_images_per_s=batch / step,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from common.bench import MODELS, load_factory, main, run_benchmark
 from common.device import select_device
@@ -47,6 +48,21 @@ def test_cli_with_an_external_factory_prints_json_and_a_table(tmp_path, capsys):
     assert row["input_shape"] == [1, 16, 16]
     assert row["precision"] == "bf16" and row["channels_last"] and row["train_images_per_s"] > 0
     assert "train img/s" in capsys.readouterr().out
+
+
+def test_channels_last_is_channels_last_3d_for_a_volume_network(monkeypatch):
+    seen = []
+    real_contiguous = torch.Tensor.contiguous
+
+    def contiguous(self, *args, **kwargs):  # every input the benchmark lays out
+        seen.append(kwargs.get("memory_format", args[0] if args else torch.contiguous_format))
+        return real_contiguous(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    factory, kwargs, _ = MODELS["VNet"]
+    result = run_benchmark("VNet", load_factory(factory), kwargs, TINY["VNet"], batch=1, device=select_device("cpu"),
+                           steps=1, warmup=0, inference=False, channels_last=True)  # fmt: skip
+    assert result.channels_last and seen and set(seen) == {torch.channels_last_3d}
 
 
 def test_bad_factories_are_clear():
