@@ -498,12 +498,16 @@ class MixedPrecision:
         return self.backend != "none"
 
     @property
-    def amp_type(self) -> str:
-        """The AMP_Type column of the ModelZoo results tables."""
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: what the steps compute in."""
         if not self.enabled:
             return "fp32"
-        name = "fp16" if self.dtype == torch.float16 else "bf16"
-        return f"{self.opt_level} {name}"
+        return "fp16" if self.dtype == torch.float16 else "bf16"
+
+    @property
+    def amp_type(self) -> str:
+        """The AMP_Type column of the ModelZoo results tables."""
+        return self.precision if not self.enabled else f"{self.opt_level} {self.precision}"
 
     def describe(self) -> str:
         """What runs and why, e.g. "O2 bf16 via torch.amp, no loss scale (auto: bf16 in hardware, ...)"."""
@@ -609,9 +613,7 @@ class MixedPrecision:
     def state_dict(self) -> dict:
         state = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
         if not self.pending:  # what this run trains in, for `follow`
-            state["precision"] = (
-                "fp32" if not self.enabled else "bf16" if self.dtype == torch.bfloat16 else "fp16"
-            )
+            state["precision"] = self.precision
         if self.backend == "apex":
             state["apex"] = self._apex.state_dict()
         elif self._scaler is not None:

@@ -63,6 +63,7 @@ from common.amp import MixedPrecision
 from common.device import DeviceInfo, select_device
 from common.engine import train_step
 from common.errors import ConfigError
+from common.trainer import memory_format_for
 from common.winograd import ALGOS, apply_conv_algo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,11 +244,8 @@ def run_benchmark(
     dev = device.device
     model = factory(**kwargs).to(dev)
     params = sum(p.numel() for p in model.parameters())
-    # channels_last for (C, H, W) inputs, channels_last_3d for (C, D, H, W), as the trainers' --channels_last
-    layouts = {3: torch.channels_last, 4: torch.channels_last_3d}
-    memory_format = (
-        layouts.get(len(input_shape), torch.contiguous_format) if channels_last else torch.contiguous_format
-    )
+    # The trainers' rule for --channels_last: channels_last_3d for a network of 3-D convolutions
+    memory_format = memory_format_for(model, channels_last=channels_last, device_kind=device.kind)
     model = model.to(memory_format=memory_format)
     # The trainers' own mixed precision and step (common.engine.train_step), so the benchmark times what
     # training runs: autocast, loss scaling, the finite-gradient check and the update.
