@@ -430,15 +430,17 @@ def tree_label(tree: Path) -> str:
 
 def step_times(events: list, warmup: int) -> dict[str, list[float]]:
     """Seconds of each training step after the first `warmup`, from the events of common/stub_network.py
-    (kind, wall, cpu, stand-in wall so far, stand-in cpu so far): the interval between consecutive
-    optimizer steps, leaving out every interval that an eval-mode forward (validation) interrupted.
-    `wall`, `cpu`: the whole step; `own_wall`, `own_cpu`: the stand-in's own forward and backward within it;
-    `host_cpu`: the CPU time of everything else; `forwards`: training forwards per step (micro-batches)."""
-    keys = ("wall", "cpu", "own_wall", "own_cpu", "host_cpu", "forwards")
+    (kind, wall, cpu, stand-in wall so far, stand-in cpu so far[, ops so far]): the interval between
+    consecutive optimizer steps, leaving out every interval that an eval-mode forward (validation)
+    interrupted. `wall`, `cpu`: the whole step; `own_wall`, `own_cpu`: the stand-in's own forward and
+    backward within it; `host_cpu`: the CPU time of everything else; `forwards`: training forwards per step
+    (micro-batches); `ops`: operator calls per step (0 unless the run counted them)."""
+    keys = ("wall", "cpu", "own_wall", "own_cpu", "host_cpu", "forwards", "ops")
     times: dict[str, list[float]] = {key: [] for key in keys}
     previous = None
     step = forwards = 0
-    for kind, wall, cpu, own_wall, own_cpu in events:
+    for kind, wall, cpu, own_wall, own_cpu, *counted in events:
+        ops = counted[0] if counted else 0
         if kind == "eval":
             previous = None
         elif kind == "train":
@@ -452,7 +454,8 @@ def step_times(events: list, warmup: int) -> dict[str, list[float]]:
                 times["own_cpu"].append(own_cpu - previous[3])
                 times["host_cpu"].append(times["cpu"][-1] - times["own_cpu"][-1])
                 times["forwards"].append(forwards)
-            previous = (wall, cpu, own_wall, own_cpu)
+                times["ops"].append(ops - previous[4])
+            previous = (wall, cpu, own_wall, own_cpu, ops)
             forwards = 0
     return times
 
@@ -516,8 +519,9 @@ def _data_dir(data_dir: str | Path | None, tree: Path) -> Path:
 
 def host_overhead(folder: str, *, tree: str | Path | None = None, steps: int = 40, warmup: int = 5,
                   runs: int = 3, workers: int = 2, threads: int = 1, data_dir: str | Path | None = None,
-                  case: FolderCase | None = None) -> dict:  # fmt: skip
-    """Host overhead per training step of `folder` (network: one 1x1 convolution), median of `runs` runs."""
+                  case: FolderCase | None = None, count_ops: bool = True) -> dict:  # fmt: skip
+    """Host overhead per training step of `folder` (network: one 1x1 convolution), median of `runs` runs;
+    with `count_ops`, one more run counts the operator calls per step (the median step: not a logging one)."""
     base_case, tree = _case_and_tree(folder, tree)
     case = case or base_case
     if steps <= warmup + 1 or runs < 1:
@@ -542,13 +546,21 @@ def host_overhead(folder: str, *, tree: str | Path | None = None, steps: int = 4
             for key, values in times.items():
                 medians.setdefault(key, []).append(statistics.median(values))
             counts.append(len(times["wall"]))
+        ops = None
+        if count_ops:
+            out = Path(tmp) / "ops"
+            out.mkdir()
+            flags = case.flags(folder, data, out, steps, workers)
+            ops = statistics.median(step_times(run_stub(folder, tree, out, ["--count_ops"], flags, threads)["events"],
+                                               warmup)["ops"])  # fmt: skip
+    medians.pop("ops")
     forwards = medians.pop("forwards")
     ms = {key: 1000 * statistics.median(values) for key, values in medians.items()}
     return {
         "mode": "host_overhead", "folder": folder, "tree": str(tree), "version": tree_label(tree),
         "batch": case.batch, "input": case.input, "steps_timed": counts, "workers": workers, "threads": threads,
         "forwards_per_step": statistics.median(forwards), "host_cpu_ms_per_step": ms["host_cpu"], "host_cpu_ms_per_image": ms["host_cpu"] / case.batch,
-        "host_bound_images_per_s": 1000 * case.batch / ms["host_cpu"],
+        "host_bound_images_per_s": 1000 * case.batch / ms["host_cpu"], "ops_per_step": ops,
         "cpu_ms_per_step": ms["cpu"], "stub_cpu_ms_per_step": ms["own_cpu"], "wall_ms_per_step": ms["wall"],
         "runs": {key: [round(1000 * v, 2) for v in values] for key, values in medians.items()},
         "cpu": describe_cpu(), "load_average": os.getloadavg()[0], "torch": str(torch.__version__),
@@ -686,7 +698,8 @@ def _host_loader_table(rows: list[dict]) -> str:
                          f"host CPU {r['host_cpu_ms_per_step']:8.2f} ms/step ({r['host_cpu_ms_per_image']:.3f} ms/image, "
                          f"bound {r['host_bound_images_per_s']:.0f} img/s); with the 1x1 conv's own "
                          f"{r['stub_cpu_ms_per_step']:.2f}: {r['cpu_ms_per_step']:.2f} CPU, "
-                         f"{r['wall_ms_per_step']:.2f} wall")  # fmt: skip
+                         f"{r['wall_ms_per_step']:.2f} wall"
+                         + (f"; {r['ops_per_step']:.0f} ops/step" if r.get("ops_per_step") else ""))  # fmt: skip
         else:
             lines.append(f"loader        {r['folder']:<15} {r['version']:<24} batch {r['batch']:>3} {r['input']:<11} "
                          f"{r['samples_per_s']:8.1f} samples/s with 1 worker, "
@@ -744,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--loader", action="store_true", help="training loader samples/s with one worker")
     group.add_argument("--projection", action="store_true", help="one-device bounds from --results")
     group.add_argument("--folder", choices=sorted(FOLDER_CASES), nargs="+", help="the folder(s) to measure")
+    group.add_argument("--no_count_ops", action="store_true",
+                       help="--host_overhead: skip the extra run that counts operator calls per step")  # fmt: skip
     group.add_argument("--tree", default=None, help="the checkout to measure (default: this one)")
     group.add_argument(
         "--data_dir", default=None, help="where the demo data is written (default: a temp folder)"
@@ -848,7 +863,7 @@ def _folder_modes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             row = host_overhead(
                 folder, tree=args.tree, steps=args.steps or 40, warmup=5 if args.warmup is None else args.warmup,
                 runs=args.runs, workers=2 if args.workers is None else args.workers, threads=threads,
-                data_dir=args.data_dir,
+                data_dir=args.data_dir, count_ops=not args.no_count_ops,
             )  # fmt: skip
         else:
             row = loader_throughput(folder, tree=args.tree, batches=args.batches, runs=args.runs, threads=threads,

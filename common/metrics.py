@@ -31,11 +31,14 @@ State: `SegmentationMetrics` keeps one int64 vector on the device (counts, and s
 in fixed point, 2**-32 units), so that `update` never synchronises with the host, no float64 touches the
 device (slow or missing on NPU; HCCL cannot all-reduce it) and an all-reduce over ranks is exact: 1 and N
 ranks give bit-identical sums. Per-image scores on the device are float32 (relative error 6e-8); `compute`
-works in float64 on the host.
+works in float64 on the host. `update` itself only counts each image's overlaps (a few ops, each a kernel
+launch on a device); the scores of the images seen since the state was last read are computed together
+when it is read (`compute`, `state_tensor`, `reduce`): the same integer sums, once per log interval.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Union
 
@@ -74,6 +77,34 @@ def foreground_logit(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Ten
     return out[:, 0] if out.shape[1] == 1 else out[:, 1] - out[:, 0]
 
 
+def above_threshold(output: torch.Tensor | Sequence[torch.Tensor], threshold: float = 0.5) -> torch.Tensor:
+    """The prediction sigmoid(foreground logit) > threshold (bool, (N, *spatial)), of any output that
+    `foreground_logit` accepts, compared in logit space: logit > log(threshold / (1 - threshold)).
+
+    That is the same prediction without a sigmoid pass over every pixel (and without the sigmoid's float
+    rounding, which makes logits in (0, 6e-8) count as 0.5). A one-channel output in bf16/fp16 is compared
+    in its own dtype (no fp32 copy) where the cut is exactly representable in it, as 0 (threshold 0.5) is.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"threshold is a probability and must lie in (0, 1), got {threshold}")
+    cut = math.log(threshold / (1.0 - threshold))
+    last = output[-1] if isinstance(output, (list, tuple)) and output else output
+    if (
+        isinstance(last, torch.Tensor)
+        and last.ndim >= 3
+        and last.shape[1] == 1
+        and _exact_in(cut, last.dtype)
+    ):
+        return last[:, 0] > cut
+    return foreground_logit(output) > cut
+
+
+@functools.cache
+def _exact_in(value: float, dtype: torch.dtype) -> bool:
+    """Whether `value` survives a round trip through `dtype` (a host-side check: nothing on a device)."""
+    return dtype.is_floating_point and float(torch.tensor(value, dtype=dtype)) == value
+
+
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image TP, FP, FN, TN as an int64 tensor of shape (N, 4) from two bool tensors (N, *spatial)."""
     if pred.dtype != torch.bool or target.dtype != torch.bool:
@@ -84,13 +115,17 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ConfigError(
             f"confusion_counts: shapes differ, pred {tuple(pred.shape)} vs {tuple(target.shape)}"
         )
-    p = pred.reshape(pred.shape[0], -1)
-    t = target.reshape(target.shape[0], -1)
-    tp = (p & t).sum(1)
-    fp = (p & ~t).sum(1)
-    fn = (~p & t).sum(1)
-    tn = p.shape[1] - tp - fp - fn
+    # One logical op and three sums over the pixels; the rest is arithmetic on (N,) counts.
+    tp, predicted, actual = _overlaps(pred, target).unbind(1)
+    fp, fn = predicted - tp, actual - tp
+    tn = math.prod(pred.shape[1:]) - predicted - fn
     return torch.stack([tp, fp, fn, tn], dim=1).to(torch.int64)
+
+
+def _overlaps(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image TP, predicted and actual foreground counts (N, 3) of two bool tensors (N, *spatial)."""
+    p, t = pred.flatten(1), target.flatten(1)  # (not reshape(N, -1): ambiguous for N = 0)
+    return torch.stack([(p & t).sum(1), p.sum(1), t.sum(1)], dim=1)
 
 
 def _check_empty(empty: str) -> None:
@@ -98,29 +133,28 @@ def _check_empty(empty: str) -> None:
         raise ConfigError(f"empty policy must be one of {EMPTY_POLICIES}, got {empty!r}")
 
 
+def _score_rows(counts: torch.Tensor, empty: str, dtype: torch.dtype) -> torch.Tensor:
+    """The scores of SCORES, one row each, as a (7, N) `dtype` tensor from (N, 4) counts TP, FP, FN, TN.
+
+    Numerators and denominators are summed in int64 (exact at any image size) and divided in one op, so
+    the cost in ops does not grow with the number of scores: each op is a kernel launch on a GPU.
+    """
+    _check_empty(empty)
+    tp, fp, fn, tn = counts.to(torch.int64).unbind(-1)
+    # acc, se, sp, pc, f1, jaccard, dice
+    num = torch.stack([tp + tn, tp, tn, tp, 2 * tp, tp, 2 * tp])
+    den = torch.stack([tp + fp + fn + tn, tp + fn, tn + fp, tp + fp, 2 * tp + fp + fn, tp + fp + fn,
+                       2 * tp + fp + fn])  # fmt: skip
+    fill = {"one": 1.0, "zero": 0.0, "nan": math.nan}[empty]
+    ratio = num.to(dtype) / den.clamp_min(1).to(dtype)
+    return torch.where(den > 0, ratio, torch.full((), fill, dtype=dtype, device=ratio.device))
+
+
 def per_image_scores(
     counts: torch.Tensor, empty: str = "one", dtype: torch.dtype = torch.float64
 ) -> dict[str, torch.Tensor]:
     """Scores (`dtype`, one per row of `counts` (N,4) = TP,FP,FN,TN); 0/0 follows the `empty` policy."""
-    _check_empty(empty)
-    fill = {"one": 1.0, "zero": 0.0, "nan": math.nan}[empty]
-    c = counts.to(dtype)
-    tp, fp, fn, tn = c.unbind(-1)
-
-    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        safe = torch.where(den > 0, den, torch.ones_like(den))
-        return torch.where(den > 0, num / safe, torch.full_like(num, fill))
-
-    dice = ratio(2 * tp, 2 * tp + fp + fn)
-    return {
-        "acc": ratio(tp + tn, tp + fp + fn + tn),
-        "se": ratio(tp, tp + fn),
-        "sp": ratio(tn, tn + fp),
-        "pc": ratio(tp, tp + fp),
-        "f1": dice.clone(),
-        "jaccard": ratio(tp, tp + fp + fn),
-        "dice": dice,
-    }
+    return dict(zip(SCORES, _score_rows(counts, empty, dtype).unbind(0)))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -196,7 +230,7 @@ class SegmentationMetrics:
 
     update() takes a model output (logits, any form `foreground_logit` accepts) or, with
     from_logits=False, probabilities (N,1,*sp)/(N,*sp); the target (N,1,*sp)/(N,*sp) is binarised as
-    target > 0.5. The prediction sigmoid(logit) > threshold is computed once per update.
+    target > 0.5. The prediction sigmoid(logit) > threshold is taken in logit space (`above_threshold`).
 
     `device`: where the state lives from the start (pass the runtime's device: a rank that scores no
     image still all-reduces a tensor on the process group's device); default the CPU. `update` moves the
@@ -221,6 +255,10 @@ class SegmentationMetrics:
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self.from_logits = bool(from_logits)
         self._state = torch.zeros(_STATE_LEN, dtype=torch.int64, device=device or "cpu")
+        # Per-image overlaps (TP, predicted, actual) of updates not yet in the state, with the pixel count
+        # per image: scored and summed in one go when the state is read (`_fold`).
+        self._pending: list[tuple[torch.Tensor, int]] = []
+        self._state_is_zero = True  # known without reading it: `merge` then skips adding it
 
     @property
     def device(self) -> torch.device:
@@ -228,14 +266,18 @@ class SegmentationMetrics:
 
     def to(self, device: torch.device | str) -> SegmentationMetrics:
         """Move the state (and keep it there until data on another device arrives); returns self."""
+        self._fold()
         self._state = self._state.to(device)
         return self
 
     def reset(self) -> None:
+        self._pending = []
         self._state = torch.zeros(_STATE_LEN, dtype=torch.int64, device=self._state.device)
+        self._state_is_zero = True
 
     def state_tensor(self) -> torch.Tensor:
         """A copy of the flat int64 state; summing the states of several objects merges them exactly."""
+        self._fold()
         return self._state.clone()
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
@@ -243,7 +285,19 @@ class SegmentationMetrics:
             raise ConfigError(f"metric state must have shape ({_STATE_LEN},), got {tuple(state.shape)}")
         if state.dtype != torch.int64:
             raise ConfigError(f"metric state must be int64 (counts and fixed-point sums), got {state.dtype}")
+        self._pending = []
         self._state = state.detach().to(device=self._state.device).clone()
+        self._state_is_zero = False
+
+    def merge(self, other: SegmentationMetrics) -> None:
+        """Add `other`'s images to these, without scoring them again: its pending images join these (they
+        are scored when this state is read) and its state, unless known to be zero, is added."""
+        if other._pending and other._pending[0][0].device != self._state.device:
+            self.to(other._pending[0][0].device)
+        self._pending.extend(other._pending)
+        if not other._state_is_zero:
+            self._state = self._state + other._state.to(self._state.device)
+            self._state_is_zero = False
 
     def reduce(self, group=None) -> None:
         """All-reduce (SUM) the state over the ranks of `group`; a no-op without torch.distributed."""
@@ -251,6 +305,7 @@ class SegmentationMetrics:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
+        self._fold()
         state = self._state
         backend = dist.get_backend(group)
         # NCCL reduces only CUDA tensors, HCCL only NPU tensors, gloo is safest on the CPU.
@@ -262,6 +317,7 @@ class SegmentationMetrics:
             state = state.cpu()
         dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
         self._state = state.to(self._state.device)
+        self._state_is_zero = False
 
     @torch.no_grad()
     def update(
@@ -273,24 +329,42 @@ class SegmentationMetrics:
         """Add a batch. `spacing` (one value per spatial axis, or one such row per image) overrides the
         constructor's for HD95 (which runs on the host, and so waits for the device)."""
         if self.from_logits:
-            prob = torch.sigmoid(foreground_logit(output))
+            pred, target = _align(above_threshold(output, self.threshold), target, squeeze_prob=False)
         else:
             if isinstance(output, (list, tuple)):
                 output = output[-1]
-            prob = output.float()
-        prob, target = _align(prob, target, squeeze_prob=not self.from_logits)
-        pred = prob > self.threshold
-        target = target.to(prob.device)
+            prob, target = _align(output.float(), target, squeeze_prob=True)
+            pred = prob > self.threshold
+        target = target.to(pred.device)
         tgt = target if target.dtype == torch.bool else target > 0.5
 
         if self._state.device != pred.device:
-            self._state = self._state.to(pred.device)
-        counts = confusion_counts(pred, tgt)
-        scores = per_image_scores(counts, self.empty, dtype=torch.float32)
-        values = torch.stack([scores[name] for name in SCORES])  # (7, N)
+            self.to(pred.device)
+        # Only the overlaps now: the scores follow from them when the state is read, in the same integer
+        # sums, so a training step costs a few ops here (each a kernel launch on a device) whatever it logs.
+        self._pending.append((_overlaps(pred, tgt), math.prod(pred.shape[1:])))
+        if self.compute_hd95:
+            self._update_hd95(pred, tgt, self.spacing if spacing is None else spacing)
+
+    def _fold(self) -> None:
+        """Score the pending images and add them to the state (on the device: nothing is read back)."""
+        if not self._pending:
+            return
+        by_pixels: dict[int, list[torch.Tensor]] = {}
+        for overlap, pixels in self._pending:
+            by_pixels.setdefault(pixels, []).append(overlap)
+        self._pending = []
+        parts = []
+        for pixels, overlaps in by_pixels.items():
+            tp, predicted, actual = torch.cat(overlaps).unbind(1)
+            fp, fn = predicted - tp, actual - tp
+            parts.append(torch.stack([tp, fp, fn, pixels - predicted - fn], dim=1))
+        counts = torch.cat(parts)
+        values = _score_rows(counts, self.empty, torch.float32)  # (7, N)
         # Masked sums, never v[mask]: a shape that depends on the data would wait for the device.
         present = ~torch.isnan(values)
-        delta = torch.cat(
+        self._state_is_zero = False
+        self._state += torch.cat(
             [
                 torch.full((1,), counts.shape[0], dtype=torch.int64, device=counts.device),
                 fixed_point(values).sum(1),
@@ -300,9 +374,6 @@ class SegmentationMetrics:
                 counts.new_zeros(_STATE_LEN - _HD_WHOLE),
             ]
         )
-        self._state += delta
-        if self.compute_hd95:
-            self._update_hd95(pred, tgt, self.spacing if spacing is None else spacing)
 
     def _update_hd95(self, pred: torch.Tensor, tgt: torch.Tensor, spacing) -> None:
         n, ndim = pred.shape[0], pred.ndim - 1
@@ -329,6 +400,7 @@ class SegmentationMetrics:
             else:
                 delta[_HD_INF] += 1
         self._state += torch.tensor(delta, dtype=torch.int64).to(self._state.device)
+        self._state_is_zero = False
 
     def compute(self) -> dict[str, float]:
         """Named results; `_mean` = mean of per-image values, `_pooled` = from counts summed over images.
@@ -336,6 +408,7 @@ class SegmentationMetrics:
         `hd95_mean` averages the finite HD95 values; `hd95_excluded` is the number of images left out of it
         (`hd95_inf_count` is the same number under its former name).
         """
+        self._fold()
         s = self._state.detach().cpu().tolist()
         out: dict[str, float] = {}
         for i, name in enumerate(SCORES):

@@ -1,6 +1,7 @@
 """Run a folder's training entry point with its network replaced by one 1x1 convolution, timing each step.
 
     cd <tree>/<folder> && python <this file> <folder> <timings.json> -- <the entry point's flags>
+    cd <tree>/<folder> && python <this file> <folder> <timings.json> --count_ops -- <the entry point's flags>
     cd <tree>/<folder> && python <this file> <folder> <rates.json> --loader BATCHES RUNS -- <flags>
 
 What remains of a training step is everything but the network: the loader, the loss, the metrics, the
@@ -18,6 +19,11 @@ stand-in's own compute (its forward, and its backward from the gradient of its o
 gradient accumulated into its parameters): on a CPU a 1x1 convolution over 16 x 572 x 572 pixels costs
 about as much as everything else, where an accelerator would take microseconds, so the caller can take
 it out.
+
+With `--count_ops` every event also carries the number of operator calls (ATen ops, forward and backward)
+the training process has dispatched so far, counted by a TorchDispatchMode: the work the host hands to a
+device per step, one kernel launch each on a GPU (views aside) however fast the host. Counting slows every
+op, so such a run is for the count, not the timings.
 
 With `--loader BATCHES RUNS` nothing trains: the first training loader the entry point builds through
 `common.loader.build_loader` (its real Dataset, augmentation on, sampler and collate as configured) is
@@ -38,9 +44,23 @@ import sys
 import time
 from typing import Any, Callable
 
-# (kind, wall, cpu, stand-in wall so far, stand-in cpu so far); kind: "train" or "eval" forward, or "step"
-EVENTS: list[tuple[str, float, float, float, float]] = []
+# (kind, wall, cpu, stand-in wall so far, stand-in cpu so far, ops so far); kind: "train" or "eval"
+# forward, or "step"
+EVENTS: list[tuple[str, float, float, float, float, int]] = []
 OWN = [0.0, 0.0]  # the stand-in's own compute so far: wall, cpu seconds
+OPS = [0]  # operator calls so far (--count_ops)
+
+
+def _count_ops() -> None:
+    """Count every operator call of this process from now on (it stays on until the process ends)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            OPS[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    OpCounter().__enter__()
 
 
 def _stub_class() -> type:
@@ -77,7 +97,9 @@ def _stub_class() -> type:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             training = self.training and torch.is_grad_enabled()
-            EVENTS.append(("train" if training else "eval", time.perf_counter(), time.process_time(), *OWN))
+            EVENTS.append(
+                ("train" if training else "eval", time.perf_counter(), time.process_time(), *OWN, OPS[0])
+            )
             self._mark = (time.perf_counter(), time.process_time())
             y = self.conv(x)
             if self.output_size is not None:
@@ -94,7 +116,7 @@ def _stub_class() -> type:
 
 
 def _record_step(*_args: Any) -> None:
-    EVENTS.append(("step", time.perf_counter(), time.process_time(), *OWN))
+    EVENTS.append(("step", time.perf_counter(), time.process_time(), *OWN, OPS[0]))
 
 
 def _valid_unet_output(size: int) -> int:
@@ -217,27 +239,32 @@ ENTRY = {"UNet_nested": "train.py", "VNet": "train.py", "UNet_mindspore": "train
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: stub_network.py FOLDER OUT_JSON [--loader BATCHES RUNS] -- ENTRY_FLAGS..."
+    usage = "usage: stub_network.py FOLDER OUT_JSON [--count_ops | --loader BATCHES RUNS] -- ENTRY_FLAGS..."
     if len(argv) < 3 or "--" not in argv:
         raise SystemExit(usage)
     split = argv.index("--")
     (folder, out, *mode), flags = argv[:split], argv[split + 1 :]
     if folder not in ENTRY:
         raise SystemExit(f"[Error] stub_network: unknown folder {folder!r} (one of {', '.join(ENTRY)})")
-    if mode and (
-        len(mode) != 3 or mode[0] != "--loader" or not all(m.isdigit() and int(m) > 0 for m in mode[1:])
+    count_ops = mode == ["--count_ops"]
+    if (
+        mode
+        and not count_ops
+        and (len(mode) != 3 or mode[0] != "--loader" or not all(m.isdigit() and int(m) > 0 for m in mode[1:]))
     ):
         raise SystemExit(usage)
     entry = ENTRY[folder]
     # As `python train.py` from the folder: the folder first on sys.path, not this file's own folder.
     sys.path[0] = os.getcwd()
     sys.argv = [entry, *flags]
-    if mode:
+    if mode and not count_ops:
         capture_training_loader(out, int(mode[1]), int(mode[2]))
     module, is_entry = patch(folder)
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     register_optimizer_step_post_hook(_record_step)
+    if count_ops:
+        _count_ops()
     code: Any = 0
     try:
         if is_entry:

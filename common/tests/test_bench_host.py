@@ -96,6 +96,16 @@ def test_host_overhead_times_the_real_entry_point_with_a_one_by_one_convolution(
         row["stub_cpu_ms_per_step"] + row["host_cpu_ms_per_step"], rel=0.5
     )
     assert row["host_bound_images_per_s"] == pytest.approx(4000 / row["host_cpu_ms_per_step"])
+    # the extra counting run: the step's loss, backward, metrics and optimizer are operator calls
+    assert 20 < row["ops_per_step"] < 2000
+
+
+def test_step_times_count_the_operator_calls_between_optimizer_steps():
+    events = [_event("step", 1.0, 0.5) + (100,), _event("train", 1.1, 0.6) + (101,),
+              _event("step", 2.0, 1.0) + (260,), _event("eval", 2.5, 1.1) + (300,),
+              _event("step", 3.0, 1.5) + (900,), _event("step", 4.0, 2.0) + (1050,)]  # fmt: skip
+    assert step_times(events, warmup=0)["ops"] == [160, 150]
+    assert step_times([e[:5] for e in events], warmup=0)["ops"] == [0, 0]  # a run that did not count
 
 
 def test_loader_mode_reads_the_folders_training_dataset_with_one_worker(data_dir):

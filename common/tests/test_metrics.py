@@ -14,6 +14,7 @@ from common.errors import ConfigError
 from common.metrics import (
     SCORES,
     SegmentationMetrics,
+    above_threshold,
     confusion_counts,
     foreground_logit,
     hd95,
@@ -277,6 +278,77 @@ def test_two_channel_and_deep_supervision_outputs():
     pred = two.argmax(1).bool().numpy()
     ref = np.mean([ref_scores(pred[i], target[i].numpy().astype(bool))["jaccard"] for i in range(2)])
     assert a.compute()["jaccard_mean"] == pytest.approx(ref)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_prediction_taken_in_logit_space_is_the_sigmoid_thresholded(threshold, dtype, channels):
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.normal(scale=3.0, size=(3, channels, 9, 7))).to(dtype)
+    pred = above_threshold(logits, threshold)
+    expected = torch.sigmoid(foreground_logit(logits).double()) > threshold  # no float32 rounding at the cut
+    assert pred.dtype == torch.bool and torch.equal(pred, expected)
+    assert torch.equal(above_threshold([logits.flip(0), logits], threshold), pred)  # the last head counts
+    with pytest.raises(ConfigError, match="probability"):
+        above_threshold(logits, 1.0)
+
+
+def test_scores_are_the_same_folded_at_each_update_or_once_at_the_end():
+    rng = np.random.default_rng(8)
+    batches = [(to_logits(rng.random((n, h, w)) < 0.4), torch.from_numpy(rng.random((n, 1, h, w)) < 0.5))
+               for n, h, w in [(3, 12, 10), (2, 12, 10), (1, 7, 9), (4, 12, 10), (0, 5, 5)]]  # fmt: skip
+    eager, deferred = SegmentationMetrics(empty="nan"), SegmentationMetrics(empty="nan")
+    for logits, target in batches:
+        eager.update(logits, target)
+        eager.state_tensor()  # reading the state folds what is pending
+        deferred.update(logits, target)
+    assert torch.equal(eager.state_tensor(), deferred.state_tensor())
+    p = torch.cat([above_threshold(lg).flatten(1) for lg, _ in batches[:2]]).numpy()
+    t = torch.cat([tg.flatten(1) for _, tg in batches[:2]]).numpy()
+    first_two = SegmentationMetrics(empty="nan")
+    for logits, target in batches[:2]:
+        first_two.update(logits, target)
+    ref = np.nanmean([ref_scores(p[i], t[i], "nan")["dice"] for i in range(5)])
+    assert first_two.compute()["dice_mean"] == pytest.approx(ref)
+    # merge adds the images of another without scoring them again, pending or already in its state
+    for read_first in (False, True):
+        merged = SegmentationMetrics(empty="nan")
+        merged.update(*batches[0])
+        other = SegmentationMetrics(empty="nan")
+        for logits, target in batches[1:]:
+            other.update(logits, target)
+        if read_first:
+            other.compute()
+        merged.merge(other)
+        assert torch.equal(merged.state_tensor(), deferred.state_tensor())
+    # reset drops what is pending
+    merged.update(*batches[0])
+    merged.reset()
+    assert merged.compute()["n_images"] == 0
+
+
+def test_an_update_dispatches_a_few_operators_and_reads_nothing_back():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    metrics = SegmentationMetrics()
+    logits, target = torch.randn(4, 1, 16, 16, dtype=torch.bfloat16), torch.rand(4, 1, 16, 16)
+    metrics.update(logits, target)  # the first update may move the state
+    calls.clear()
+    with Ops():
+        metrics.update(logits, target)
+    # threshold, binarised target, one AND, three sums, one stack, and views: each a launch on a device
+    assert len(calls) <= 12, calls
+    assert not any(
+        name.startswith(("aten._local_scalar_dense", "aten._to_copy", "aten.nonzero")) for name in calls
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8), (2, 3, 8, 8), (2, 1)])
