@@ -61,7 +61,7 @@ from common.losses import DeepSupervisionLoss, build_loss
 from common.metrics import SegmentationMetrics
 from common.registry import get_model_builder, list_models
 from common.summary import RunSummary, SummaryTarget, write_summary
-from common.trainer import Hooks, LoopConfig, StartPoint, fit, prepare
+from common.trainer import Hooks, LoopConfig, StartPoint, fit, make_optimizer, prepare
 
 LOSS_NAMES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
@@ -449,13 +449,15 @@ def load_data(args: argparse.Namespace, runtime, batch: int) -> Data:
     return Data(root, name, save_dir, train_set, val_set, bn_set, extra, notes)
 
 
-def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module, runtime) -> torch.optim.Optimizer:
+    """Adam or SGD; fused on CUDA (common.trainer.make_optimizer), the multi-tensor step on the CPU, which
+    the README's CPU results were trained with."""
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "Adam":
-        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(
-        params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay
-    )
+        return make_optimizer(torch.optim.Adam, params, runtime, fused_on_cpu=False, lr=args.lr,
+                              weight_decay=args.weight_decay)  # fmt: skip
+    return make_optimizer(torch.optim.SGD, params, runtime, fused_on_cpu=False, lr=args.lr, momentum=args.momentum,
+                          nesterov=args.nesterov, weight_decay=args.weight_decay)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,7 +539,7 @@ def run_training(args, runtime, start: StartPoint, loss_fn, train_loader, val_lo
     epochs = len(loop.plan(len(train_loader)))
     model = build_model(args)
     start.load_weights(model)
-    model, optimizer = prepare(model, lambda m: build_optimizer(args, m), runtime, loss_fn=loss_fn)
+    model, optimizer = prepare(model, lambda m: build_optimizer(args, m, runtime), runtime, loss_fn=loss_fn)
     scheduler = build_scheduler(args, optimizer, epochs)
     config = describe_config(
         runtime, {**data.extra, "epochs_run": epochs, "steps_per_epoch": len(train_loader)}

@@ -18,6 +18,14 @@ Every path skips a step whose gradients are not finite instead of applying it, c
 `TrainingDiverged` once `max_consecutive_skips` steps in a row were skipped: a NaN that persists is a bug
 in the data or the setup, and training on would only overwrite good weights.
 
+On CUDA, with an optimizer whose step takes the verdict as a tensor (torch's fused Adam/AdamW/SGD: they
+set `_step_supports_amp_scaling` and read `optimizer.found_inf`, as torch.amp.GradScaler uses them,
+pytorch torch/amp/grad_scaler.py `_maybe_opt_step`), the skip is decided on the device: the finite check
+writes a flag the fused kernel reads, the skipped-step counts stay on the device, and nothing waits for
+it until they are read (`settle_skips`, at logging steps and at the end of an epoch), so the host queues
+the next step while the device still runs this one. Divergence is then reported at that read. Elsewhere
+(CPU, NPU, apex, other optimizers) each step reads the verdict back, once.
+
 On NPU, fp16 with a dynamic loss scale uses torch_npu's own GradScaler, and every other path reads the
 chip's float-status flag where the chip has no inf/nan mode (Atlas training series: an overflow saturates
 to finite values and only raises that flag), and agrees on the verdict across ranks.
@@ -321,6 +329,8 @@ class MixedPrecision:
         prefer_apex: use apex on CUDA when it imports (on NPU apex is used whenever it imports).
         max_consecutive_skips: raise TrainingDiverged after this many skipped steps in a row.
         deterministic: with enabled="auto" on the CPU, keep fp32 (a timing must not choose the numerics).
+        skip_on_device: decide skipped steps on the device where the optimizer allows (see the module
+            docstring); default: on CUDA.
     """
 
     def __init__(
@@ -333,6 +343,7 @@ class MixedPrecision:
         prefer_apex: bool = False,
         max_consecutive_skips: int = 50,
         deterministic: bool = False,
+        skip_on_device: bool | None = None,
     ):
         opt_level = str(opt_level).upper()
         if opt_level not in OPT_LEVELS:
@@ -345,8 +356,12 @@ class MixedPrecision:
         self.opt_level = opt_level if enabled else "O0"
         self.loss_scale = parse_loss_scale(loss_scale)
         self.max_consecutive_skips = max_consecutive_skips
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
+        self.skip_on_device = device.kind == "cuda" if skip_on_device is None else bool(skip_on_device)
+        self._skipped = self._consecutive = 0  # counted on the host
+        # Counted on the device since the last settle_skips: [skipped, skipped in a row at the end]
+        self._device_skips: torch.Tensor | None = None
+        self._device_steps = 0
+        self._one: torch.Tensor | None = None  # a device constant 1, made once
         self._apex = None
         self._scaler = None
         self.dtype: torch.dtype | None = None
@@ -564,8 +579,11 @@ class MixedPrecision:
     def _dynamic_scaler(self) -> bool:
         return self._scaler is not None and not isinstance(self._scaler, _StaticScaler)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Apply the step unless a gradient is inf/NaN. Returns whether it was applied."""
+    def step(self, optimizer: torch.optim.Optimizer) -> bool | None:
+        """Apply the step unless a gradient is inf/NaN. Returns whether it was applied, or None where the
+        device decided it (the count is read later: `settle_skips`)."""
+        if self._steps_on_device(optimizer):
+            return self._step_on_device(optimizer)
         if self.backend == "apex":
             optimizer.step()  # apex skips overflowing steps itself
             applied = not self._apex_overflowed()
@@ -583,6 +601,102 @@ class MixedPrecision:
         self._count(applied)
         return applied
 
+    def _steps_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        return (
+            self.skip_on_device
+            and self.backend != "apex"
+            and not self._float_status
+            and not isinstance(self._scaler, _StaticScaler)
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+        )
+
+    def _step_on_device(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._scaler is not None:
+            # GradScaler hands a fused optimizer its verdict as a tensor; its per-device flags are read
+            # between step() and update(), which clears them (torch/amp/grad_scaler.py).
+            self._scaler.step(optimizer)
+            flags = list(self._scaler._found_inf_per_device(optimizer).values())
+            self._scaler.update()
+            if flags:
+                self._count_on_device(flags[0] if len(flags) == 1 else torch.stack(flags).sum())
+            return None
+        grads = _grads(optimizer)
+        if not grads:
+            optimizer.step()
+            return None
+        device = grads[0].device
+        if any(g.device != device for g in grads):
+            raise ConfigError("skip_on_device needs every gradient on one device; pass skip_on_device=False")
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        one = self._one_like(found)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        for group in by_dtype.values():
+            # Sets `found` to 1 where a gradient is inf/NaN; the factor 1 leaves the gradients as they are.
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+        # The fused step reads the flag on the device and leaves parameters, moments and its step count
+        # as they were where it is 1 (torch/optim/adam.py `_fused_adam`, sgd.py `_fused_sgd`).
+        optimizer.found_inf = found
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        self._count_on_device(found)
+        return None
+
+    def _count_on_device(self, found: torch.Tensor) -> None:
+        found = found.reshape(()).float()
+        if self._device_skips is None or self._device_skips.device != found.device:
+            self.settle_skips()
+            self._device_skips = torch.zeros(2, dtype=torch.float32, device=found.device)
+        # [skipped += found, run = (run + found) * found]: the run of skips ends at an applied step.
+        self._device_skips.add_(found).mul_(torch.stack([self._one_like(found), found]))
+        self._device_steps += 1
+
+    def _one_like(self, found: torch.Tensor) -> torch.Tensor:
+        if self._one is None or self._one.device != found.device:
+            self._one = torch.ones((), dtype=torch.float32, device=found.device)
+        return self._one
+
+    def settle_skips(self) -> None:
+        """Read the skipped steps counted on the device (one wait for it) into the host counts, and raise
+        TrainingDiverged if the steps skipped in a row reach the limit. A no-op when none are pending."""
+        if self._device_steps == 0:
+            return
+        skipped, run = (int(v) for v in self._device_skips.tolist())
+        steps, self._device_steps = self._device_steps, 0
+        self._device_skips.zero_()
+        self._skipped += skipped
+        self._consecutive = self._consecutive + run if run == steps else run
+        self._check_consecutive()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far (reads the device's count where it keeps one)."""
+        self.settle_skips()
+        return self._skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._drop_device_counts()
+        self._skipped = int(value)
+
+    @property
+    def consecutive_skips(self) -> int:
+        self.settle_skips()
+        return self._consecutive
+
+    @consecutive_skips.setter
+    def consecutive_skips(self, value: int) -> None:
+        self._drop_device_counts()
+        self._consecutive = int(value)
+
+    def _drop_device_counts(self) -> None:
+        self._device_steps = 0
+        if self._device_skips is not None:
+            self._device_skips.zero_()
+
     def _apex_overflowed(self) -> bool:
         try:
             return bool(self._apex._amp_state.loss_scalers[0]._has_overflow)
@@ -591,13 +705,16 @@ class MixedPrecision:
 
     def _count(self, applied: bool) -> None:
         if applied:
-            self.consecutive_skips = 0
+            self._consecutive = 0
             return
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        if self.consecutive_skips >= self.max_consecutive_skips:
+        self._skipped += 1
+        self._consecutive += 1
+        self._check_consecutive()
+
+    def _check_consecutive(self) -> None:
+        if self._consecutive >= self.max_consecutive_skips:
             raise TrainingDiverged(
-                f"{self.consecutive_skips} optimizer steps in a row had non-finite gradients "
+                f"{self._consecutive} optimizer steps in a row had non-finite gradients "
                 f"({self.describe()}); stopping. The last good checkpoint is kept. Check the data for "
                 "NaN/inf values, lower the learning rate, or train with --opt-level O0 to rule out fp16."
             )

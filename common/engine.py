@@ -200,6 +200,7 @@ def train_one_epoch(
             timed_images += batch_images
         if step % log_every == 0 or step == steps:
             values = torch.stack(pending).tolist()  # the one host sync per log interval
+            amp.settle_skips()  # skipped steps counted on the device, and the divergence check
             pending.clear()
             step_losses.extend(values)
             now = time.perf_counter()

@@ -38,7 +38,6 @@ when it is read (`compute`, `state_tensor`, `reduce`): the same integer sums, on
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence, Union
 
@@ -82,27 +81,16 @@ def above_threshold(output: torch.Tensor | Sequence[torch.Tensor], threshold: fl
     `foreground_logit` accepts, compared in logit space: logit > log(threshold / (1 - threshold)).
 
     That is the same prediction without a sigmoid pass over every pixel (and without the sigmoid's float
-    rounding, which makes logits in (0, 6e-8) count as 0.5). A one-channel output in bf16/fp16 is compared
-    in its own dtype (no fp32 copy) where the cut is exactly representable in it, as 0 (threshold 0.5) is.
+    rounding, which makes logits in (0, 6e-8) count as 0.5). At threshold 0.5 a one-channel output is
+    compared in its own dtype (no fp32 copy of a bf16/fp16 output).
     """
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold is a probability and must lie in (0, 1), got {threshold}")
     cut = math.log(threshold / (1.0 - threshold))
     last = output[-1] if isinstance(output, (list, tuple)) and output else output
-    if (
-        isinstance(last, torch.Tensor)
-        and last.ndim >= 3
-        and last.shape[1] == 1
-        and _exact_in(cut, last.dtype)
-    ):
-        return last[:, 0] > cut
+    if cut == 0.0 and isinstance(last, torch.Tensor) and last.ndim >= 3 and last.shape[1] == 1:
+        return last[:, 0] > 0  # the sign needs no fp32 copy of a bf16/fp16 output
     return foreground_logit(output) > cut
-
-
-@functools.cache
-def _exact_in(value: float, dtype: torch.dtype) -> bool:
-    """Whether `value` survives a round trip through `dtype` (a host-side check: nothing on a device)."""
-    return dtype.is_floating_point and float(torch.tensor(value, dtype=dtype)) == value
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

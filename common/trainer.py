@@ -144,6 +144,25 @@ def memory_format_for(
     return torch.channels_last_3d if has_3d else torch.channels_last
 
 
+def make_optimizer(
+    cls: type[torch.optim.Optimizer], params: Iterable, runtime: Runtime, *, fused_on_cpu: bool, **kwargs: Any
+) -> torch.optim.Optimizer:
+    """`cls(params, **kwargs)`, with torch's fused kernel (`fused=True`) on CUDA, and on the CPU where
+    `fused_on_cpu`, wherever this torch has one for the class and device (Adam, AdamW, SGD); not under
+    apex, which wraps the optimizer itself. The fused step updates every parameter in one pass and on CUDA
+    takes the skip verdict of a non-finite step as a device tensor, so the step never waits for the
+    device (common.amp). Other classes (RMSprop), devices and torch versions get the default step.
+    """
+    params = list(params)
+    kind = runtime.device.kind
+    if runtime.amp.backend != "apex" and (kind == "cuda" or (kind == "cpu" and fused_on_cpu)):
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # no fused kernel for this class, device or torch version
+    return cls(params, **kwargs)
+
+
 def prepare(
     model: torch.nn.Module,
     make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],

@@ -56,7 +56,7 @@ from common.losses import build_loss
 from common.metrics import SegmentationMetrics
 from common.registry import get_model_builder
 from common.summary import RunSummary, SummaryTarget, write_summary
-from common.trainer import Hooks, LoopConfig, StartPoint, fit, prepare, read_checkpoint_file
+from common.trainer import Hooks, LoopConfig, StartPoint, fit, make_optimizer, prepare, read_checkpoint_file
 
 MODEL_TYPES = ("U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net")
 R2_MODELS = ("R2U_Net", "R2AttU_Net")
@@ -174,13 +174,8 @@ def build_optimizer(
     The fused CPU/CUDA kernel updates the 35-39 M parameters in one pass; on a small CPU that is several
     times faster than the multi-tensor loop, whose step otherwise costs as much as the forward pass.
     """
-    kwargs: dict[str, Any] = {"lr": args.lr, "betas": (args.beta1, args.beta2)}
-    if runtime.device.kind in ("cpu", "cuda") and runtime.amp.backend != "apex":
-        try:
-            return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):
-            pass  # torch without a fused kernel for this device
-    return torch.optim.Adam(model.parameters(), **kwargs)
+    return make_optimizer(torch.optim.Adam, model.parameters(), runtime, fused_on_cpu=True, lr=args.lr,
+                          betas=(args.beta1, args.beta2))  # fmt: skip
 
 
 def lr_factor(epoch: int, num_epochs: int, num_epochs_decay: int) -> float:

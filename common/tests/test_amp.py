@@ -13,6 +13,7 @@ from common.cli import RunOptions, Runtime
 from common.device import DeviceInfo
 from common.distributed import DistContext
 from common.engine import Throughput, train_one_epoch
+from common.errors import TrainingDiverged
 from common.fakes import installed_apex, installed_torch_npu, overflow_in_backward, raise_overflow
 
 NPU = DeviceInfo(kind="npu", index=0, name="Ascend910A", backend="hccl", torch_device="cpu")
@@ -128,3 +129,70 @@ def test_inf_nan_npu_checks_the_values_not_the_flag():
         amp = MixedPrecision(NPU, enabled=True, loss_scale=128.0)
         applied, weight = _one_step(amp, overflow=True)
         assert not applied and torch.isinf(weight.grad).all()
+
+
+# ------------------------------------------------------------- skipped steps decided on the device
+CPU = DeviceInfo(kind="cpu", index=0, name="cpu", backend="gloo")
+
+
+def _fused_step(
+    amp: MixedPrecision, model: torch.nn.Linear, optimizer, bad: bool
+) -> tuple[object, bool, int]:
+    """One step; returns amp.step's answer, whether the parameters changed, and the syncs amp.step made."""
+    from common.sync_counter import SyncCounter
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    if bad:
+        x[0, 0] = float("nan")
+    amp.zero_grad(optimizer)
+    with amp.autocast():
+        loss = model(x).float().sum()
+    amp.backward(loss, optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    with SyncCounter() as syncs:
+        answer = amp.step(optimizer)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return answer, changed, syncs.total
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["fp32", "bf16"])
+def test_a_fused_step_skips_non_finite_gradients_on_the_device_and_never_waits_for_it(enabled):
+    amp = MixedPrecision(CPU, enabled=enabled, skip_on_device=True, max_consecutive_skips=3)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)  # the CPU has the fused kernel too
+    results = [_fused_step(amp, model, optimizer, bad) for bad in (False, True, True, False, True)]
+    assert [changed for _, changed, _ in results] == [True, False, False, True, False]
+    assert all(answer is None and syncs == 0 for answer, _, syncs in results)
+    assert int(optimizer.state[model.weight]["step"]) == 2  # skipped steps leave the step count too
+    assert not hasattr(optimizer, "found_inf")
+    assert amp.skipped_steps == 3 and amp.consecutive_skips == 1  # read when asked for
+    # The run of skips continues across reads, and reaching the limit is reported at the next read.
+    _fused_step(amp, model, optimizer, True)
+    _fused_step(amp, model, optimizer, True)
+    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row"):
+        amp.settle_skips()
+
+
+def test_the_device_decides_only_where_the_optimizer_takes_its_verdict_and_by_default_on_cuda():
+    amp = MixedPrecision(CPU, skip_on_device=True)
+    model = torch.nn.Linear(4, 2)
+    plain = torch.optim.Adam(model.parameters(), lr=0.1)  # multi-tensor: reads the verdict on the host
+    assert _fused_step(amp, model, plain, True)[:2] == (False, False)
+    assert amp.skipped_steps == 1
+    assert not MixedPrecision(CPU).skip_on_device and not MixedPrecision(NPU).skip_on_device
+    cuda = DeviceInfo(kind="cuda", index=0, name="H100", backend="nccl", torch_device="cpu")
+    assert MixedPrecision(cuda).skip_on_device
+
+
+def test_a_grad_scaler_with_a_fused_optimizer_counts_its_skips_on_the_device():
+    amp = MixedPrecision(CPU, skip_on_device=True)
+    amp._scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)  # the CUDA fp16 path, on CPU tensors
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    results = [_fused_step(amp, model, optimizer, bad) for bad in (False, True, False)]
+    assert [changed for _, changed, _ in results] == [True, False, True]
+    assert all(syncs == 0 for _, _, syncs in results)
+    assert amp.skipped_steps == 1 and amp.consecutive_skips == 0
+    assert amp._scaler.get_scale() == 2.0**3  # the skipped step halved the scale

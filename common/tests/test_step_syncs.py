@@ -3,7 +3,8 @@
 Each `test/train_performance_1p.sh` runs on its demo data with tiny shapes and a sitecustomize that counts
 synchronising ops (common/tests/sync_site): between the starts of consecutive training steps, outside the
 optimizer's own update and outside logging steps, a step may wait for the device at most once (the
-finite-gradient check that decides whether the update is applied).
+finite-gradient check that decides whether the update is applied), and not at all where the device
+decides it (CUDA with a fused optimizer).
 """
 
 from __future__ import annotations
@@ -59,3 +60,22 @@ def test_a_training_step_waits_for_the_device_at_most_once(folder, tmp_path, rep
     measured = [n for epoch in counts["epochs"] for n in epoch]
     assert measured, f"no iteration measured (each epoch needs two or more steps): {counts}"
     assert max(measured) <= MAX_SYNCS_PER_STEP, f"syncs per iteration {measured}; where: {counts['sites']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["AttU_Net", "UNet_mindspore"])
+def test_a_fused_step_never_waits_when_the_device_decides_its_skips(folder, tmp_path, repo):
+    """As on CUDA (where the trainers' Adam is fused): the finite check and the skipped-step counts stay on
+    the device, so outside logging steps nothing is read back; these folders' Adam is fused on the CPU too."""
+    report = tmp_path / "syncs.json"
+    env = child_env(
+        MODELZOO_SYNC_COUNT_OUT=str(report),
+        MODELZOO_SYNC_SKIP_ON_DEVICE="1",
+        PYTHONPATH=os.pathsep.join([str(SITE), str(repo)]),
+    )
+    proc = subprocess.run(["bash", "test/train_performance_1p.sh", *CASES[folder], *QUIET], cwd=repo / folder,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(report.read_text())
+    measured = [n for epoch in counts["epochs"] for n in epoch]
+    assert measured and max(measured) == 0, f"syncs per iteration {measured}; where: {counts['sites']}"

@@ -1,5 +1,7 @@
 """Counts host-device synchronisations per training iteration in a real training process (tests only).
 
+With MODELZOO_SYNC_SKIP_ON_DEVICE=1 the run decides skipped steps on the device, as on CUDA.
+
 On PYTHONPATH with MODELZOO_SYNC_COUNT_OUT=<file>, a process that trains through `common.engine` counts,
 with `common.sync_counter.SyncCounter`, the synchronising ops between the starts of consecutive training
 steps of an epoch: the whole iteration (step, loss bookkeeping, training metrics, fetching the next
@@ -28,6 +30,18 @@ def _install(out: str) -> None:
 
     def wrap(engine) -> None:
         from common.sync_counter import SyncCounter
+
+        if os.environ.get("MODELZOO_SYNC_SKIP_ON_DEVICE") == "1":
+            # As on CUDA: skipped steps decided on the device wherever the optimizer takes the verdict.
+            import common.amp
+
+            init = common.amp.MixedPrecision.__init__
+
+            def init_skipping_on_device(self, *args, **kwargs):
+                kwargs.setdefault("skip_on_device", True)
+                init(self, *args, **kwargs)
+
+            common.amp.MixedPrecision.__init__ = init_skipping_on_device
 
         original_step, original_epoch = engine.train_step, engine.train_one_epoch
 
